@@ -1,0 +1,68 @@
+"""Which implementation runs an op, decided per call from the tensor it gets, never at import.
+
+Order for backend="auto": a CUDA tensor with triton installed -> "triton"; a CPU tensor with the
+compiled extension built -> "cpp"; otherwise the readable torch reference, "torch". The environment
+variable RDP_CORE_BACKEND replaces "auto" everywhere (for A/B runs and debugging). Asking for a backend
+that cannot run on the given tensor is a ValueError, never a silent fallback.
+"""
+import functools
+import importlib.util
+import os
+import warnings
+
+BACKENDS = ("torch", "cpp", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def cpp_extension():
+    """The compiled module rdp_core._C, or None after one warning when it was not built."""
+    try:
+        from rdp_core import _C
+    except ImportError as err:
+        warnings.warn(
+            f"rdp_core._C is not built ({err}); CPU ops run on the slower torch reference. "
+            "Reinstall with a C++17 compiler available to build it.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return _C
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed():
+    return importlib.util.find_spec("triton") is not None
+
+
+def _unavailable_reason(backend, x):
+    """Why `backend` cannot run on tensor `x`, or None when it can."""
+    if backend == "cpp":
+        if x.device.type != "cpu":
+            return f"the cpp backend runs on CPU tensors, got a tensor on {x.device}"
+        if cpp_extension() is None:
+            return "rdp_core._C was not built"
+    if backend == "triton":
+        if not x.is_cuda:
+            return f"the triton backend runs on CUDA tensors, got a tensor on {x.device}"
+        if not triton_installed():
+            return "triton is not installed"
+    return None
+
+
+def select(op, x, requested="auto", implemented=BACKENDS):
+    """The backend that runs `op` on `x`: one of `implemented`, chosen as the module docstring says."""
+    if requested == "auto":
+        requested = os.environ.get("RDP_CORE_BACKEND", "auto") or "auto"
+    if requested == "auto":
+        for backend in ("triton", "cpp"):
+            if backend in implemented and _unavailable_reason(backend, x) is None:
+                return backend
+        return "torch"
+    if requested not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {requested!r}; expected 'auto' or one of {BACKENDS}")
+    if requested not in implemented:
+        raise ValueError(f"{op}: no {requested!r} backend; this op has {tuple(implemented)}")
+    reason = _unavailable_reason(requested, x)
+    if reason is not None:
+        raise ValueError(f"{op}: backend {requested!r} was requested but {reason}")
+    return requested
