@@ -1,0 +1,72 @@
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from rdp_core.cli import main
+from rdp_core.visualize import image_grid, write_png
+
+
+def read_png(path):
+    """Minimal decoder for the 8-bit RGB, filter-0 PNGs write_png produces (checks the CRCs)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
+        chunks[kind] = chunks.get(kind, b"") + body
+        pos += 12 + length
+    width, height, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, color) == (8, 2)
+    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(height, 1 + 3 * width)
+    assert (rows[:, 0] == 0).all()
+    return torch.from_numpy(rows[:, 1:].reshape(height, width, 3).copy()).permute(2, 0, 1)
+
+
+def test_png_round_trip(tmp_path):
+    image = torch.randint(0, 256, (3, 7, 11), dtype=torch.uint8)
+    write_png(image, tmp_path / "x.png")
+    assert torch.equal(read_png(tmp_path / "x.png"), image)
+    with pytest.raises(ValueError, match="uint8"):
+        write_png(image.float(), tmp_path / "y.png")
+
+
+def test_grid_places_rows_and_columns():
+    a, b = torch.zeros(2, 3, 4, 4), torch.ones(2, 1, 4, 4)
+    grid = image_grid([a, b], padding=1)
+    assert grid.shape == (3, 11, 11)
+    assert (grid[:, 1:5, 1:5] == 0).all() and (grid[:, 6:10, 6:10] == 255).all()
+    with pytest.raises(ValueError, match="row 1"):
+        image_grid([a, torch.zeros(3, 3, 4, 4)])
+
+
+def test_purify_command_writes_grid_metrics_and_images(data_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["purify", "--data", str(data_root), "--n-images", "5", "--batch-size", "2", "--steps", "10",
+                 "--fit-images", "10000", "--out", str(out), "--seed", "3"])
+    assert code == 0
+    report = json.loads((out / "purify.json").read_text())
+    assert report["n_images"] == 5 and len(report["per_image"]) == 5
+    assert report["config"]["fit_images"] == 10_000 and report["config"]["steps"] == 10
+    assert 12 < report["psnr_mean"] < 40 and report["images_per_second"] > 0
+    saved = np.load(out / "purified.npz", allow_pickle=False)
+    assert saved["x"].shape == (5, 3, 32, 32) and saved["x"].dtype == np.uint8 and saved["y"].shape == (5,)
+    grid = read_png(out / "grid.png")
+    assert grid.shape == (3, 2 + 2 * 34, 2 + 5 * 34)
+    assert "mean PSNR" in capsys.readouterr().out
+
+
+def test_purify_command_rejects_bad_arguments(data_root, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["purify", "--data", str(data_root), "--solver", "rk4"])
+    with pytest.raises(SystemExit, match="n-images"):
+        main(["purify", "--data", str(data_root), "--n-images", "0"])
+    with pytest.raises(ValueError, match="t_star"):
+        main(["purify", "--data", str(data_root), "--n-images", "2", "--fit-images", "10000", "--t-star", "1.5",
+              "--out", str(tmp_path)])
