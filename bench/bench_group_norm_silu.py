@@ -12,6 +12,9 @@ from rdp_core.ops import group_norm_silu, group_norm_silu_torch
 CPU_SHAPES = [(16, 128, 32, 32), (8, 256, 16, 16), (8, 512, 8, 8)]
 PROVIDERS = {
     "torch-eager": lambda x, w, b: F.silu(F.group_norm(x, 32, w, b)),
+    # The two halves of eager alone, to tell its arithmetic from the cost of its intermediate buffer.
+    "torch-group_norm-only": lambda x, w, b: F.group_norm(x, 32, w, b),
+    "torch-silu-only": lambda x, w, b: F.silu(x),
     "rdp-torch-reference": lambda x, w, b: group_norm_silu_torch(x, 32, w, b),
     "rdp-cpp": lambda x, w, b: group_norm_silu(x, 32, w, b, backend="cpp"),
 }
