@@ -1,5 +1,7 @@
 """GroupNorm+SiLU: every backend against stock torch ops and the float64 reference."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -220,3 +222,27 @@ def test_extension_is_built():
     if os.environ.get("RDP_CORE_REQUIRE_EXT") != "1":
         pytest.skip("set RDP_CORE_REQUIRE_EXT=1 where the extension must have been built (CI does)")
     assert CPP_BUILT, "rdp_core._C was not built on a machine where it must be"
+
+
+def test_without_the_extension_ops_fall_back_to_torch_and_warn_once():
+    # A fresh interpreter in which `import rdp_core._C` fails, as after a failed compile.
+    code = (
+        "import sys, warnings, torch\n"
+        "sys.modules['rdp_core._C'] = None\n"
+        "from rdp_core import _backend\n"
+        "from rdp_core.ops import group_norm_silu\n"
+        "x = torch.randn(2, 32, 4, 4)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    group_norm_silu(x, 8)\n"
+        "    group_norm_silu(x, 8)\n"
+        "assert [str(w.message)[:22] for w in caught] == ['rdp_core._C is not bui'], caught\n"
+        "assert _backend.select('group_norm_silu', x, 'auto', ('torch', 'cpp')) == 'torch'\n"
+        "try:\n"
+        "    group_norm_silu(x, 8, backend='cpp')\n"
+        "except ValueError as err:\n"
+        "    assert 'was not built' in str(err)\n"
+        "else:\n"
+        "    raise AssertionError('an explicit cpp request must fail without the extension')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
