@@ -55,8 +55,7 @@ def run_purify(args):
     if args.n_images < 1:
         raise SystemExit(f"--n-images must be at least 1, got {args.n_images}")
     make_solver(args.solver, args.t_star, args.steps)  # reject a bad configuration before the slow set-up
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = _resolve_device(args.device)
     images, labels = load_cifar10("test", root=args.data, dtype=torch.float32, limit=args.n_images)
     print(f"fitting the Gaussian prior to {args.fit_images} CIFAR-10 training images ...", flush=True)
     train, _ = load_cifar10("train", root=args.data, dtype=torch.float32, limit=args.fit_images)
@@ -70,16 +69,22 @@ def run_purify(args):
     psnr = [10 * math.log10(1 / max(m, 1e-12)) for m in mse.tolist()]
 
     args.out.mkdir(parents=True, exist_ok=True)
-    shown = min(args.n_images, 16)
+    shown = min(len(images), 16)
     write_png(image_grid([images[:shown], purified[:shown]]), args.out / "grid.png")
     np.savez_compressed(args.out / "purified.npz", x=(purified * 255).round().to(torch.uint8).numpy(),
                         y=labels.numpy())
     report = _report(args, device, fit_images, seconds, mse, psnr, labels)
     (args.out / "purify.json").write_text(json.dumps(report, indent=2))
-    print(f"purified {args.n_images} images in {seconds:.2f} s ({args.n_images / seconds:.1f} images/s on "
+    print(f"purified {len(images)} images in {seconds:.2f} s ({len(images) / seconds:.1f} images/s on "
           f"{report['device']}); mean PSNR to the input {report['psnr_mean']:.2f} dB")
     print(f"wrote {args.out / 'grid.png'}, {args.out / 'purify.json'}, {args.out / 'purified.npz'}")
     return 0
+
+
+def _resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _purify_in_batches(images, model, generator, device, args):
@@ -104,9 +109,9 @@ def _report(args, device, fit_images, seconds, mse, psnr, labels):
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         "config": {"t_star": args.t_star, "solver": args.solver, "steps": args.steps, "seed": args.seed,
                    "batch_size": args.batch_size, "model": args.model, "fit_images": fit_images},
-        "n_images": args.n_images,
+        "n_images": len(labels),
         "seconds": seconds,
-        "images_per_second": args.n_images / seconds,
+        "images_per_second": len(labels) / seconds,
         "mse_mean": float(mse.mean()),
         "psnr_mean": sum(psnr) / len(psnr),
         "per_image": [{"index": i, "label": int(y), "mse": float(m), "psnr": p}
