@@ -70,8 +70,8 @@ RDP_CORE_INLINE void group_moments(const float* __restrict x, int64_t count, dou
 
 // y = silu((x - mean) * a + b) over one channel's spatial extent. The centring stays a separate
 // subtraction: folding it into the shift (a * x + (b - mean * a)) cancels catastrophically on large means.
-RDP_CORE_INLINE void normalize_silu(const float* __restrict x, float* __restrict y, int64_t spatial, float mean, float a,
-                                    float b) {
+RDP_CORE_INLINE void normalize_silu(const float* __restrict x, float* __restrict y, int64_t spatial, float mean,
+                                    float a, float b) {
   for (int64_t k = 0; k < spatial; ++k) y[k] = silu((x[k] - mean) * a + b);
 }
 

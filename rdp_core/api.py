@@ -10,7 +10,8 @@ from torch import nn
 
 from rdp_core.sampling import DIFFUSION_DRAW, VP, StepNoise, make_solver
 
-RANGE_TOLERANCE = 1e-3  # how far outside [0, 1] an input may stray (rounding of attack iterates) before it is an error
+# How far outside [0, 1] an input may stray (rounding of attack iterates) before it is an error.
+RANGE_TOLERANCE = 1e-3
 
 
 def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=None, clip=True, progress=False,
@@ -56,7 +57,8 @@ class Purifier(nn.Module):
         super().__init__()
         if model is None:
             raise ValueError("Purifier needs an epsilon model (model=...); the trained default is not shipped yet")
-        make_solver(solver, t_star, steps, schedule, **solver_options)  # reject a bad configuration now, not at first call
+        # Reject a bad configuration now, not at the first call.
+        make_solver(solver, t_star, steps, schedule, **solver_options)
         self.classifier = classifier
         self.model = model
         self.t_star = t_star

@@ -106,7 +106,8 @@ def _report(args, device, fit_images, seconds, mse, psnr, labels):
     return {
         "command": " ".join(["rdp-core"] + sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({platform.processor() or platform.machine()})"),
         "config": {"t_star": args.t_star, "solver": args.solver, "steps": args.steps, "seed": args.seed,
                    "batch_size": args.batch_size, "model": args.model, "fit_images": fit_images},
         "n_images": len(labels),

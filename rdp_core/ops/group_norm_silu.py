@@ -79,7 +79,8 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, backend="au
 
 
 def _fits_cpp(x, weight, bias):
-    return x.numel() > 0 and x.dtype == torch.float32 and all(t is None or t.dtype == torch.float32 for t in (weight, bias))
+    floats = all(t is None or t.dtype == torch.float32 for t in (x, weight, bias))
+    return floats and x.numel() > 0
 
 
 def _check_arguments(x, num_groups, weight, bias):

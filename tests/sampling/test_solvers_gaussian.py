@@ -105,7 +105,9 @@ def test_heun_converges_at_second_order(gaussian):
     assert 3.0 < errors[0] / errors[1] < 5.0
 
 
-@pytest.mark.parametrize("solver_cls, steps, tolerance", [(ProbabilityFlowHeun, 200, 1e-5), (ProbabilityFlowEuler, 2000, 2e-3)])
+@pytest.mark.parametrize(
+    "solver_cls, steps, tolerance", [(ProbabilityFlowHeun, 200, 1e-5), (ProbabilityFlowEuler, 2000, 2e-3)]
+)
 def test_ode_forward_then_backward_returns_the_input(gaussian, solver_cls, steps, tolerance):
     mean, cov, model = gaussian
     x_lo = marginal_samples(mean, cov, VP.alpha_bar(0.01), 500, seed=5)
