@@ -2,8 +2,9 @@
 
     rdp-core purify --data ../shared/data --n-images 64 --out runs/purify
 
-purifies CIFAR-10 test images and writes grid.png (originals above, purified below), purify.json (the
-configuration, timing and per-image distances) and purified.npz (the purified images as uint8).
+purifies CIFAR-10 test images, prints a CIFAR ResNet's accuracy on them before and after, and writes
+grid.png (originals above, purified below), purify.json (the configuration, timing, accuracies and
+per-image results) and purified.npz (the purified images as uint8).
 """
 import argparse
 import datetime
@@ -18,10 +19,13 @@ import numpy as np
 import torch
 
 from rdp_core.api import purify
-from rdp_core.data import load_cifar10
-from rdp_core.models import GaussianEpsModel
+from rdp_core.data import default_root, load_cifar10
+from rdp_core.models import GaussianEpsModel, load_cifar_resnet
 from rdp_core.sampling import SOLVERS, make_solver
 from rdp_core.visualize import image_grid, write_png
+
+
+DEFAULT_CLASSIFIER = "classifiers/cifar10-resnet-akamaster/resnet56-4bfd9763.th"
 
 
 def main(argv=None):
@@ -44,6 +48,9 @@ def _add_purify_command(commands):
                    help="epsilon model: 'gaussian' is the exact score of a Gaussian fitted to the training images "
                         "(a Wiener-filter prior; the trained DDPM++ default comes with the models issue)")
     p.add_argument("--fit-images", type=int, default=50_000, help="training images the Gaussian is fitted to")
+    p.add_argument("--classifier", default=None,
+                   help=f"CIFAR ResNet checkpoint (akamaster format) to measure accuracy with, or 'none' "
+                        f"(default: DATA/{DEFAULT_CLASSIFIER} when present)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of the purification noise")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -63,10 +70,12 @@ def run_purify(args):
     fit_images = train.shape[0]
     del train
 
+    classifier = _load_classifier(args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     purified, seconds = _purify_in_batches(images, model, generator, device, args)
     mse = ((purified - images) ** 2).flatten(1).mean(1)
     psnr = [10 * math.log10(1 / max(m, 1e-12)) for m in mse.tolist()]
+    accuracy = _accuracies(classifier, images, purified, labels, args.batch_size)
 
     args.out.mkdir(parents=True, exist_ok=True)
     shown = min(len(images), 16)
@@ -74,11 +83,40 @@ def run_purify(args):
     np.savez_compressed(args.out / "purified.npz", x=(purified * 255).round().to(torch.uint8).numpy(),
                         y=labels.numpy())
     report = _report(args, device, fit_images, seconds, mse, psnr, labels)
+    report["accuracy"] = accuracy
     (args.out / "purify.json").write_text(json.dumps(report, indent=2))
     print(f"purified {len(images)} images in {seconds:.2f} s ({len(images) / seconds:.1f} images/s on "
           f"{report['device']}); mean PSNR to the input {report['psnr_mean']:.2f} dB")
+    if accuracy:
+        print(f"{accuracy['classifier']} accuracy on these {len(images)} images: clean "
+              f"{accuracy['clean']:.2f}%, purified {accuracy['purified']:.2f}%")
     print(f"wrote {args.out / 'grid.png'}, {args.out / 'purify.json'}, {args.out / 'purified.npz'}")
     return 0
+
+
+def _load_classifier(args):
+    """The accuracy classifier: --classifier, else the data root's ResNet-56 if present, else None."""
+    if args.classifier == "none":
+        return None
+    path = Path(args.classifier) if args.classifier else Path(args.data or default_root()) / DEFAULT_CLASSIFIER
+    if args.classifier is None and not path.is_file():
+        print(f"no classifier at {path}: accuracy is not measured (pass --classifier)", flush=True)
+        return None
+    return load_cifar_resnet(path)
+
+
+def _accuracies(classifier, images, purified, labels, batch_size):
+    if classifier is None:
+        return None
+
+    def accuracy(x):
+        with torch.no_grad():
+            correct = sum((classifier(xb).argmax(1) == yb).sum().item()
+                          for xb, yb in zip(x.split(batch_size), labels.split(batch_size)))
+        return 100.0 * correct / len(labels)
+
+    name = f"ResNet-{len(classifier.layer1) * 6 + 2}"
+    return {"classifier": name, "clean": accuracy(images), "purified": accuracy(purified)}
 
 
 def _resolve_device(name):

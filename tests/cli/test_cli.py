@@ -55,11 +55,23 @@ def test_purify_command_writes_grid_metrics_and_images(data_root, tmp_path, caps
     assert report["n_images"] == 5 and len(report["per_image"]) == 5
     assert report["config"]["fit_images"] == 10_000 and report["config"]["steps"] == 10
     assert 12 < report["psnr_mean"] < 40 and report["images_per_second"] > 0
+    accuracy = report["accuracy"]
+    assert accuracy["classifier"] == "ResNet-56" and accuracy["clean"] in (0.0, 20.0, 40.0, 60.0, 80.0, 100.0)
+    assert accuracy["clean"] >= 80.0  # the first five test images: ResNet-56 gets them (almost) all right
     saved = np.load(out / "purified.npz", allow_pickle=False)
     assert saved["x"].shape == (5, 3, 32, 32) and saved["x"].dtype == np.uint8 and saved["y"].shape == (5,)
     grid = read_png(out / "grid.png")
     assert grid.shape == (3, 2 + 2 * 34, 2 + 5 * 34)
-    assert "mean PSNR" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mean PSNR" in printed and "ResNet-56 accuracy on these 5 images: clean" in printed
+
+
+def test_purify_command_can_skip_or_name_the_classifier(data_root, tmp_path):
+    common = ["purify", "--data", str(data_root), "--n-images", "2", "--steps", "2", "--fit-images", "10000"]
+    main(common + ["--classifier", "none", "--out", str(tmp_path / "a")])
+    assert json.loads((tmp_path / "a" / "purify.json").read_text())["accuracy"] is None
+    with pytest.raises(FileNotFoundError, match="absent.th"):
+        main(common + ["--classifier", str(tmp_path / "absent.th"), "--out", str(tmp_path / "b")])
 
 
 def test_purify_command_rejects_bad_arguments(data_root, tmp_path):
