@@ -8,6 +8,7 @@ the caller's generator, so the same seed gives the same output.
 import torch
 from torch import nn
 
+from rdp_core.models.default import default_eps_model_for, load_default_eps_model
 from rdp_core.sampling import DIFFUSION_DRAW, VP, StepNoise, make_solver
 
 # How far outside [0, 1] an input may stray (rounding of attack iterates) before it is an error.
@@ -19,30 +20,42 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
     """Purified copy of the images `x` (float, NCHW, values in [0, 1]): same shape, dtype and device.
 
     t_star: diffusion time in (0, 1] (0.1 is DiffPure's CIFAR-10 setting).
-    model: epsilon model `model(x_t, t)` on x's device (see rdp_core.sampling.schedule for the convention).
+    model: epsilon model `model(x_t, t)` on x's device (see rdp_core.sampling.schedule for the convention);
+        None uses the shipped default, a DDPM++ trained on CIFAR-10 for t <= 0.3 (32x32 RGB images only).
     solver, steps, solver_options: see rdp_core.sampling.solvers (default: Euler-Maruyama, dt = 1e-3).
     generator: torch.Generator the noise seed is drawn from (torch's global RNG when None).
     clip: clamp the result to [0, 1]; the gradient of the clamp is exact (zero where it saturates).
     progress: show a progress bar over the reverse steps.
     """
     check_images(x)
-    if model is None:
-        raise ValueError(
-            "purify needs an epsilon model: pass model=... (for example "
-            "rdp_core.models.GaussianEpsModel.fit(train_images * 2 - 1)); the trained default model is not "
-            "shipped yet"
-        )
-    check_model_device(model, x)
     reverse = make_solver(solver, t_star, steps, schedule, **solver_options)
-    # The sampler state is kept in float32 (float64 when given) whatever the input precision.
-    state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x0 = x.to(state_dtype) * 2.0 - 1.0
-    noise = StepNoise.like(x0, generator)
-    x_t = schedule.diffuse(x0, noise(DIFFUSION_DRAW), reverse.start_alpha_bar)
+    if model is None:
+        model = default_eps_model_for(x, t_star)
+    check_model_device(model, x)
+    x_t, noise = _diffused_state(x, reverse, schedule, generator)
     out = (reverse.sample(model, x_t, noise, progress=progress) + 1.0) * 0.5
     if clip:
         out = out.clamp(0.0, 1.0)
     return out.to(x.dtype)
+
+
+def diffuse(x, t_star=0.1, *, solver="sde", steps=None, generator=None, schedule=VP, **solver_options):
+    """The state `purify` starts its reverse process from, mapped back to image scale ((x_t + 1) / 2).
+
+    Given a generator in the same state, it is exactly the purification's diffused image (for display).
+    """
+    check_images(x)
+    reverse = make_solver(solver, t_star, steps, schedule, **solver_options)
+    x_t, _ = _diffused_state(x, reverse, schedule, generator)
+    return ((x_t + 1.0) * 0.5).to(x.dtype)
+
+
+def _diffused_state(x, reverse, schedule, generator):
+    """x mapped to [-1, 1] and diffused to the solver's start; the state is float32 (float64 when given)."""
+    state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x0 = x.to(state_dtype) * 2.0 - 1.0
+    noise = StepNoise.like(x0, generator)
+    return schedule.diffuse(x0, noise(DIFFUSION_DRAW), reverse.start_alpha_bar), noise
 
 
 class Purifier(nn.Module):
@@ -56,7 +69,7 @@ class Purifier(nn.Module):
                  schedule=VP, **solver_options):
         super().__init__()
         if model is None:
-            raise ValueError("Purifier needs an epsilon model (model=...); the trained default is not shipped yet")
+            model = load_default_eps_model()
         # Reject a bad configuration now, not at the first call.
         make_solver(solver, t_star, steps, schedule, **solver_options)
         self.classifier = classifier

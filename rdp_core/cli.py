@@ -3,7 +3,7 @@
     rdp-core purify --data ../shared/data --n-images 64 --out runs/purify
 
 purifies CIFAR-10 test images, prints a CIFAR ResNet's accuracy on them before and after, and writes
-grid.png (originals above, purified below), purify.json (the configuration, timing, accuracies and
+grid.png (rows: input, diffused to t*, purified), purify.json (the configuration, timing, accuracies and
 per-image results) and purified.npz (the purified images as uint8).
 """
 import argparse
@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rdp_core.api import purify
+from rdp_core.api import diffuse, purify
 from rdp_core.data import default_root, load_cifar10
 from rdp_core.models import GaussianEpsModel, load_cifar_resnet
+from rdp_core.models.default import load_default_eps_model, load_trained
 from rdp_core.sampling import SOLVERS, make_solver
 from rdp_core.visualize import image_grid, write_png
 
@@ -32,6 +33,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="rdp-core", description="diffusion-based adversarial purification")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_purify_command(commands)
+    _add_train_command(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 
@@ -44,9 +46,10 @@ def _add_purify_command(commands):
     p.add_argument("--t-star", type=float, default=0.1, help="diffusion time in (0, 1] (default 0.1)")
     p.add_argument("--solver", choices=SOLVERS, default="sde", help="reverse solver (default sde: Euler-Maruyama)")
     p.add_argument("--steps", type=int, default=None, help="reverse steps (default: dt = 1e-3, or the whole chain)")
-    p.add_argument("--model", choices=["gaussian"], default="gaussian",
-                   help="epsilon model: 'gaussian' is the exact score of a Gaussian fitted to the training images "
-                        "(a Wiener-filter prior; the trained DDPM++ default comes with the models issue)")
+    p.add_argument("--model", default="default",
+                   help="epsilon model: 'default' (the shipped DDPM++), 'gaussian' (the exact score of a Gaussian "
+                        "fitted to the training images: a Wiener-filter baseline), or a .safetensors file written by "
+                        "rdp-core train-diffusion")
     p.add_argument("--fit-images", type=int, default=50_000, help="training images the Gaussian is fitted to")
     p.add_argument("--classifier", default=None,
                    help=f"CIFAR ResNet checkpoint (akamaster format) to measure accuracy with, or 'none' "
@@ -58,28 +61,58 @@ def _add_purify_command(commands):
     p.set_defaults(run=run_purify)
 
 
+def _add_train_command(commands):
+    p = commands.add_parser("train-diffusion", help="train a DDPM++ epsilon model on the CIFAR-10 training set")
+    p.add_argument("--data", default=None, help="data root holding cifar-10-batches-py/")
+    p.add_argument("--out", type=Path, default=Path("runs/train"), help="folder for the log and the weights")
+    p.add_argument("--nf", type=int, default=32, help="base channel count (128 in DDPM++)")
+    p.add_argument("--ch-mult", default="1,2,2", help="channel multipliers per resolution (DDPM++: 1,2,2,2)")
+    p.add_argument("--num-res-blocks", type=int, default=1, help="residual blocks per resolution (DDPM++: 4)")
+    p.add_argument("--t-max", type=float, default=0.3, help="largest diffusion time trained on")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--ema-decay", type=float, default=0.995)
+    p.add_argument("--minutes", type=float, default=50.0, help="wall-clock training budget")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: budget only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args):
+    from rdp_core.models.ncsnpp import DDPMppConfig
+    from rdp_core.train import TrainConfig, train
+
+    model = DDPMppConfig(nf=args.nf, ch_mult=tuple(int(m) for m in args.ch_mult.split(",")),
+                         num_res_blocks=args.num_res_blocks)
+    config = TrainConfig(model=model, t_max=args.t_max, batch_size=args.batch_size, lr=args.lr,
+                         ema_decay=args.ema_decay, minutes=args.minutes, max_steps=args.max_steps, seed=args.seed)
+    path = train(config, args.data, args.out, resume=args.resume)
+    print(f"wrote {path} and {args.out / 'train_log.jsonl'}")
+    return 0
+
+
 def run_purify(args):
     if args.n_images < 1:
         raise SystemExit(f"--n-images must be at least 1, got {args.n_images}")
     make_solver(args.solver, args.t_star, args.steps)  # reject a bad configuration before the slow set-up
     device = _resolve_device(args.device)
     images, labels = load_cifar10("test", root=args.data, dtype=torch.float32, limit=args.n_images)
-    print(f"fitting the Gaussian prior to {args.fit_images} CIFAR-10 training images ...", flush=True)
-    train, _ = load_cifar10("train", root=args.data, dtype=torch.float32, limit=args.fit_images)
-    model = GaussianEpsModel.fit(train * 2 - 1).to(device)
-    fit_images = train.shape[0]
-    del train
+    model, fit_images = _load_eps_model(args, device)
 
     classifier = _load_classifier(args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    # Replays the first batch's diffusion exactly: same generator state, same batch shape.
+    diffused = diffuse(images[:args.batch_size].to(device), args.t_star, solver=args.solver, steps=args.steps,
+                       generator=torch.Generator(device=device).set_state(generator.get_state())).cpu()
     purified, seconds = _purify_in_batches(images, model, generator, device, args)
     mse = ((purified - images) ** 2).flatten(1).mean(1)
     psnr = [10 * math.log10(1 / max(m, 1e-12)) for m in mse.tolist()]
     accuracy = _accuracies(classifier, images, purified, labels, args.batch_size)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    shown = min(len(images), 16)
-    write_png(image_grid([images[:shown], purified[:shown]]), args.out / "grid.png")
+    shown = min(len(images), 16, args.batch_size)
+    write_png(image_grid([images[:shown], diffused[:shown], purified[:shown]]), args.out / "grid.png")
     np.savez_compressed(args.out / "purified.npz", x=(purified * 255).round().to(torch.uint8).numpy(),
                         y=labels.numpy())
     report = _report(args, device, fit_images, seconds, mse, psnr, labels)
@@ -92,6 +125,17 @@ def run_purify(args):
               f"{accuracy['clean']:.2f}%, purified {accuracy['purified']:.2f}%")
     print(f"wrote {args.out / 'grid.png'}, {args.out / 'purify.json'}, {args.out / 'purified.npz'}")
     return 0
+
+
+def _load_eps_model(args, device):
+    """(model, number of images it was fitted to or None) for --model."""
+    if args.model == "default":
+        return load_default_eps_model(device), None
+    if args.model == "gaussian":
+        print(f"fitting the Gaussian prior to {args.fit_images} CIFAR-10 training images ...", flush=True)
+        train, _ = load_cifar10("train", root=args.data, dtype=torch.float32, limit=args.fit_images)
+        return GaussianEpsModel.fit(train * 2 - 1).to(device), train.shape[0]
+    return load_trained(args.model, device), None
 
 
 def _load_classifier(args):

@@ -30,7 +30,8 @@ def uniform_times(t_start, steps, t_end=0.0):
     """`steps + 1` equally spaced times from t_start to t_end (float64 Python floats)."""
     if steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps}")
-    return [t_start + (t_end - t_start) * k / steps for k in range(steps + 1)]
+    # The last point is t_end itself: the interpolation formula can miss it by a rounding error (-1e-17).
+    return [t_start + (t_end - t_start) * k / steps for k in range(steps)] + [t_end]
 
 
 def respaced_indices(t_star, steps=None, schedule=VP):

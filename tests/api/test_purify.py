@@ -120,9 +120,9 @@ def test_t_star_outside_0_1_is_rejected(tiny_model, t_star):
         rdp_core.purify(torch.rand(1, 1, 2, 2), t_star, model=tiny_model)
 
 
-def test_missing_model_and_model_on_another_device_are_errors(tiny_model):
+def test_default_model_only_takes_cifar_shapes_and_a_model_on_another_device_is_an_error(tiny_model):
     x = torch.rand(1, 1, 2, 2)
-    with pytest.raises(ValueError, match="needs an epsilon model"):
+    with pytest.raises(ValueError, match="default model is a CIFAR-10 model for \\(N, 3, 32, 32\\) images"):
         rdp_core.purify(x)
     with pytest.raises(ValueError, match="model is on meta but the images are on cpu"):
         rdp_core.purify(x, model=copy.deepcopy(tiny_model).to("meta"))
@@ -163,12 +163,23 @@ def test_purifier_draws_fresh_noise_per_call_and_replays_from_its_seed(tiny_mode
 
 
 def test_purifier_rejects_a_bad_configuration_at_construction(tiny_model):
-    with pytest.raises(ValueError, match="needs an epsilon model"):
-        rdp_core.Purifier(_LinearClassifier())
     with pytest.raises(ValueError, match="t_star"):
         rdp_core.Purifier(_LinearClassifier(), tiny_model, t_star=2.0)
     with pytest.raises(ValueError, match="unknown solver"):
         rdp_core.Purifier(_LinearClassifier(), tiny_model, solver="rk4")
+
+
+def test_diffuse_returns_the_state_purify_starts_from(tiny_model):
+    from rdp_core.sampling import DIFFUSION_DRAW, VP, StepNoise
+
+    x = torch.rand(3, 1, 2, 2, dtype=torch.float64)
+    x_t = rdp_core.diffuse(x, 0.2, generator=seeded(4))
+    noise = StepNoise.like(x * 2 - 1, seeded(4))(DIFFUSION_DRAW)
+    torch.testing.assert_close(x_t, (VP.diffuse(x * 2 - 1, noise, VP.alpha_bar(0.2)) + 1) / 2)
+    # One reverse step of an exact-score ODE from that state is what a 1-step purification returns.
+    one_step = rdp_core.sampling.make_solver("ode", 0.2, steps=1).sample(tiny_model, x_t * 2 - 1)
+    torch.testing.assert_close(rdp_core.purify(x, 0.2, model=tiny_model, solver="ode", steps=1, clip=False,
+                                               generator=seeded(4)), (one_step + 1) / 2)
 
 
 def test_import_loads_no_triton_and_touches_no_device():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rdp_core.cli import main
+from rdp_core.data import load_cifar10
 from rdp_core.visualize import image_grid, write_png
 
 
@@ -49,7 +50,7 @@ def test_grid_places_rows_and_columns():
 def test_purify_command_writes_grid_metrics_and_images(data_root, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["purify", "--data", str(data_root), "--n-images", "5", "--batch-size", "2", "--steps", "10",
-                 "--fit-images", "10000", "--out", str(out), "--seed", "3"])
+                 "--model", "gaussian", "--fit-images", "10000", "--out", str(out), "--seed", "3"])
     assert code == 0
     report = json.loads((out / "purify.json").read_text())
     assert report["n_images"] == 5 and len(report["per_image"]) == 5
@@ -61,9 +62,26 @@ def test_purify_command_writes_grid_metrics_and_images(data_root, tmp_path, caps
     saved = np.load(out / "purified.npz", allow_pickle=False)
     assert saved["x"].shape == (5, 3, 32, 32) and saved["x"].dtype == np.uint8 and saved["y"].shape == (5,)
     grid = read_png(out / "grid.png")
-    assert grid.shape == (3, 2 + 2 * 34, 2 + 5 * 34)
+    assert grid.shape == (3, 2 + 3 * 34, 2 + 2 * 34)  # input, diffused, purified rows; one batch of 2 shown
     printed = capsys.readouterr().out
     assert "mean PSNR" in printed and "ResNet-56 accuracy on these 5 images: clean" in printed
+
+
+def test_purify_command_uses_the_default_model_and_shows_the_exact_diffused_state(data_root, tmp_path):
+    import rdp_core
+
+    out = tmp_path / "run"
+    main(["purify", "--data", str(data_root), "--n-images", "3", "--steps", "4", "--out", str(out), "--seed", "5"])
+    report = json.loads((out / "purify.json").read_text())
+    assert report["config"]["model"] == "default" and report["config"]["fit_images"] is None
+    images, _ = load_cifar10("test", root=data_root, dtype=torch.float32, limit=3)
+    generator = torch.Generator().manual_seed(5)
+    diffused = rdp_core.diffuse(images, 0.1, steps=4, generator=generator)
+    purified = rdp_core.purify(images, 0.1, steps=4, generator=torch.Generator().manual_seed(5))
+    grid = read_png(out / "grid.png").float() / 255
+    to_pixels = lambda x: (x.clamp(0, 1) * 255).round() / 255  # noqa: E731
+    torch.testing.assert_close(grid[:, 36:68, 2:34], to_pixels(diffused[0]), atol=1 / 255, rtol=0)
+    torch.testing.assert_close(grid[:, 70:102, 2:34], to_pixels(purified[0]), atol=1 / 255, rtol=0)
 
 
 def test_purify_command_can_skip_or_name_the_classifier(data_root, tmp_path):

@@ -60,6 +60,14 @@ def test_diffpure_default_is_100_euler_maruyama_steps_of_1e_3():
     assert solver.start_alpha_bar == pytest.approx(VP.alpha_bar(0.1))
 
 
+@pytest.mark.parametrize("t_star", [0.1, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("steps", [1, 3, 7, 100])
+def test_uniform_grids_end_exactly_at_zero(t_star, steps):
+    times = make_solver("sde", t_star, steps=steps).times
+    assert times[0] == t_star and times[-1] == 0.0 and len(times) == steps + 1
+    assert all(a > b for a, b in zip(times, times[1:]))
+
+
 @pytest.mark.parametrize("name", ["ode", "ode-euler", "ode-heun"])
 def test_ode_grids_follow_steps(name):
     solver = make_solver(name, 0.3, steps=7)

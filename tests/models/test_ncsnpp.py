@@ -1,0 +1,163 @@
+"""DDPM++ (score_sde NCSN++): module layout, key names, arithmetic and official-checkpoint loading."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rdp_core.models.checkpoint import CheckpointMismatch
+from rdp_core.models.ncsnpp import (
+    CIFAR10_DDPMPP,
+    CIFAR10_DDPMPP_DEEP,
+    AttnBlockpp,
+    DDPMppConfig,
+    NCSNpp,
+    ResnetBlockBigGANpp,
+    ScoreSDEEpsModel,
+    load_score_sde_checkpoint,
+    timestep_embedding,
+)
+from rdp_core.ops import GroupNormSiLU
+
+TINY = DDPMppConfig(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16)
+
+
+def module_types(config):
+    return [type(m).__name__ for m in NCSNpp(config).all_modules]
+
+
+def test_cifar10_configs_have_score_sde_sizes_and_module_order():
+    # Counted from score_sde's construction loop for nf 128, ch_mult (1, 2, 2, 2), attention at 16:
+    # 3 embedding/input modules, 23 down, 3 middle, 24 up, 2 output = 55 (91 with 8 blocks).
+    assert len(NCSNpp(CIFAR10_DDPMPP).all_modules) == 55
+    assert len(NCSNpp(CIFAR10_DDPMPP_DEEP).all_modules) == 91
+    assert sum(p.numel() for p in NCSNpp(CIFAR10_DDPMPP).parameters()) == 61_804_419
+    types = module_types(CIFAR10_DDPMPP)
+    assert types[:3] == ["Linear", "Linear", "Conv2d"]
+    assert types[3:8] == ["ResnetBlockBigGANpp"] * 5  # 4 blocks at 32x32, then the downsampling block
+    assert types[8:10] == ["ResnetBlockBigGANpp", "AttnBlockpp"]  # attention at 16x16
+    assert types[26:29] == ["ResnetBlockBigGANpp", "AttnBlockpp", "ResnetBlockBigGANpp"]
+    assert types[-2:] == ["GroupNormSiLU", "Conv2d"]
+
+
+def test_state_dict_keys_are_score_sde_names():
+    keys = NCSNpp(CIFAR10_DDPMPP).state_dict()
+    for key in ["all_modules.0.weight", "all_modules.1.bias", "all_modules.2.weight",
+                "all_modules.3.GroupNorm_0.weight", "all_modules.3.Conv_0.weight", "all_modules.3.Dense_0.weight",
+                "all_modules.3.GroupNorm_1.bias", "all_modules.3.Conv_1.weight", "all_modules.7.Conv_2.weight",
+                "all_modules.9.GroupNorm_0.weight", "all_modules.9.NIN_0.W", "all_modules.9.NIN_3.b",
+                "all_modules.53.weight", "all_modules.54.bias"]:
+        assert key in keys, key
+    assert "all_modules.3.Conv_2.weight" not in keys  # 128 -> 128, no resampling: identity skip
+    assert tuple(keys["all_modules.9.NIN_0.W"].shape) == (256, 256)
+    assert tuple(keys["all_modules.0.weight"].shape) == (512, 128)
+    # Parameter order (what EMA shadow_params follow) is construction order, attribute by attribute.
+    names = [n for n, _ in NCSNpp(TINY).named_parameters()]
+    assert names[:6] == ["all_modules.0.weight", "all_modules.0.bias", "all_modules.1.weight",
+                         "all_modules.1.bias", "all_modules.2.weight", "all_modules.2.bias"]
+    assert names[6:12] == [f"all_modules.3.{m}.{p}" for m in ("GroupNorm_0", "Conv_0", "Dense_0")
+                           for p in ("weight", "bias")]
+
+
+def test_timestep_embedding_is_ddpm_sinusoidal():
+    t = torch.tensor([0.0, 3.0, 999.0])
+    emb = timestep_embedding(t, 8)
+    frequencies = torch.exp(-math.log(10000) * torch.arange(4) / 3)
+    angles = t[:, None] * frequencies
+    torch.testing.assert_close(emb, torch.cat([torch.sin(angles), torch.cos(angles)], 1))
+    assert timestep_embedding(t, 9).shape == (3, 9)
+
+
+def randomize(module, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return module
+
+
+def test_attention_block_matches_score_sde_arithmetic():
+    block = randomize(AttnBlockpp(32)).eval()
+    x = torch.randn(2, 32, 8, 8)
+    h = F.group_norm(x, 8, block.GroupNorm_0.weight, block.GroupNorm_0.bias, eps=1e-6)
+    q, k, v = (torch.einsum("bchw,co->bohw", h, n.W) + n.b[:, None, None]
+               for n in (block.NIN_0, block.NIN_1, block.NIN_2))
+    w = torch.einsum("bchw,bcij->bhwij", q, k) * 32 ** -0.5
+    w = F.softmax(w.reshape(2, 8, 8, 64), dim=-1).reshape(2, 8, 8, 8, 8)
+    out = torch.einsum("bhwij,bcij->bchw", w, v)
+    out = torch.einsum("bchw,co->bohw", out, block.NIN_3.W) + block.NIN_3.b[:, None, None]
+    torch.testing.assert_close(block(x), (x + out) / math.sqrt(2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("up, down, out_ch",
+                         [(False, False, 32), (False, False, 48), (True, False, 32), (False, True, 32)])
+def test_resnet_block_matches_score_sde_arithmetic(up, down, out_ch):
+    block = randomize(ResnetBlockBigGANpp(32, out_ch, temb_dim=24, up=up, down=down)).eval()
+    x, temb = torch.randn(2, 32, 8, 8), torch.randn(2, 24)
+
+    def resample(t):
+        if up:
+            return t.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+        if down:
+            return t.reshape(2, t.shape[1], 4, 2, 4, 2).mean(dim=(3, 5))
+        return t
+
+    h = F.silu(F.group_norm(x, 8, block.GroupNorm_0.weight, block.GroupNorm_0.bias, eps=1e-6))
+    h = block.Conv_0(resample(h)) + block.Dense_0(F.silu(temb))[:, :, None, None]
+    h = F.silu(F.group_norm(h, out_ch // 4, block.GroupNorm_1.weight, block.GroupNorm_1.bias, eps=1e-6))
+    h = block.Conv_1(h)
+    skip = resample(x)
+    if out_ch != 32 or up or down:
+        skip = block.Conv_2(skip)
+    torch.testing.assert_close(block(x, temb), (skip + h) / math.sqrt(2), atol=1e-5, rtol=1e-5)
+    assert isinstance(block.GroupNorm_0, GroupNormSiLU)
+
+
+def test_output_starts_at_zero_and_the_eps_wrapper_scales_time():
+    net = NCSNpp(TINY).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert net(x, torch.tensor([10.0, 500.0])).abs().max() < 1e-4  # init_scale 0: last conv ~ 0
+    randomize(net)
+    model = ScoreSDEEpsModel(net)
+    t = torch.tensor([0.1, 0.25])
+    torch.testing.assert_close(model(x, t), net(x, t * 999))
+
+
+def official_checkpoint(net, path, shadow_seed=1):
+    """A file in score_sde's layout, built from our own module (no official weights exist here)."""
+    shadow = [p.detach().clone() for p in randomize(NCSNpp(net.config), seed=shadow_seed).parameters()]
+    optimizer = torch.optim.Adam(net.parameters())
+    net(torch.randn(1, 3, 16, 16), torch.tensor([5.0])).sum().backward()
+    optimizer.step()
+    torch.save({"model": {"module." + k: v for k, v in net.state_dict().items()},
+                "ema": {"decay": 0.9999, "num_updates": 10, "shadow_params": shadow},
+                "optimizer": optimizer.state_dict(), "step": 8}, path)
+    return shadow
+
+
+def test_official_layout_checkpoint_loads_strictly_with_ema_weights(tmp_path):
+    net = randomize(NCSNpp(TINY))
+    shadow = official_checkpoint(net, tmp_path / "checkpoint_8.pth")
+    model = load_score_sde_checkpoint(tmp_path / "checkpoint_8.pth", TINY)
+    assert not model.training
+    for param, value in zip(model.net.parameters(), shadow):
+        assert torch.equal(param, value)
+    raw = load_score_sde_checkpoint(tmp_path / "checkpoint_8.pth", TINY, use_ema=False)
+    for (name, param), value in zip(raw.net.named_parameters(), net.state_dict().values()):
+        assert torch.equal(param, value), name
+
+
+def test_checkpoint_mismatches_are_explained(tmp_path):
+    net = randomize(NCSNpp(TINY))
+    official_checkpoint(net, tmp_path / "ckpt.pth")
+    bigger = DDPMppConfig(nf=16, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(8,), image_size=16)
+    with pytest.raises(CheckpointMismatch, match="missing keys"):
+        load_score_sde_checkpoint(tmp_path / "ckpt.pth", bigger)
+    state = torch.load(tmp_path / "ckpt.pth", weights_only=True)
+    state["ema"]["shadow_params"] = state["ema"]["shadow_params"][:-1]
+    torch.save(state, tmp_path / "short_ema.pth")
+    with pytest.raises(CheckpointMismatch, match="shadow_params must list"):
+        load_score_sde_checkpoint(tmp_path / "short_ema.pth", TINY)
+    torch.save({"state_dict": {}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointMismatch, match="not a score_sde checkpoint"):
+        load_score_sde_checkpoint(tmp_path / "other.pth", TINY)
