@@ -153,8 +153,10 @@ class NCSNpp(nn.Module):
         super().__init__()
         self.config = config
         nf, temb_dim = config.nf, 4 * config.nf
-        block = lambda in_ch, out_ch=None, **kw: ResnetBlockBigGANpp(  # noqa: E731
-            in_ch, out_ch, temb_dim, dropout=config.dropout, init_scale=config.init_scale, **kw)
+        def block(in_ch, out_ch=None, **kw):
+            return ResnetBlockBigGANpp(in_ch, out_ch, temb_dim, dropout=config.dropout,
+                                       init_scale=config.init_scale, **kw)
+
         resolutions = [config.image_size // 2**i for i in range(len(config.ch_mult))]
         modules = [_dense(nf, temb_dim), _dense(temb_dim, temb_dim), _conv(config.num_channels, nf, 3)]
         skips, in_ch = [nf], nf
