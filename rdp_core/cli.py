@@ -22,7 +22,9 @@ from rdp_core.api import diffuse, purify
 from rdp_core.data import default_root, load_cifar10
 from rdp_core.models import GaussianEpsModel, load_cifar_resnet
 from rdp_core.models.default import load_default_eps_model, load_trained
+from rdp_core.models.ncsnpp import DDPMppConfig
 from rdp_core.sampling import SOLVERS, make_solver
+from rdp_core.train import CPU_MODEL, TrainConfig, train
 from rdp_core.visualize import image_grid, write_png
 
 
@@ -65,24 +67,24 @@ def _add_train_command(commands):
     p = commands.add_parser("train-diffusion", help="train a DDPM++ epsilon model on the CIFAR-10 training set")
     p.add_argument("--data", default=None, help="data root holding cifar-10-batches-py/")
     p.add_argument("--out", type=Path, default=Path("runs/train"), help="folder for the log and the weights")
-    p.add_argument("--nf", type=int, default=32, help="base channel count (128 in DDPM++)")
-    p.add_argument("--ch-mult", default="1,2,2", help="channel multipliers per resolution (DDPM++: 1,2,2,2)")
-    p.add_argument("--num-res-blocks", type=int, default=1, help="residual blocks per resolution (DDPM++: 4)")
-    p.add_argument("--t-max", type=float, default=0.3, help="largest diffusion time trained on")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--ema-decay", type=float, default=0.995)
-    p.add_argument("--minutes", type=float, default=50.0, help="wall-clock training budget")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: budget only)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nf", type=int, default=CPU_MODEL.nf, help="base channel count (128 in DDPM++)")
+    p.add_argument("--ch-mult", default=",".join(map(str, CPU_MODEL.ch_mult)),
+                   help="channel multipliers per resolution (DDPM++: 1,2,2,2)")
+    p.add_argument("--num-res-blocks", type=int, default=CPU_MODEL.num_res_blocks,
+                   help="residual blocks per resolution (DDPM++: 4)")
+    p.add_argument("--t-max", type=float, default=TrainConfig.t_max, help="largest diffusion time trained on")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
+    p.add_argument("--minutes", type=float, default=TrainConfig.minutes, help="wall-clock training budget")
+    p.add_argument("--max-steps", type=int, default=TrainConfig.max_steps,
+                   help="stop after this many steps (0: budget only)")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.set_defaults(run=run_train)
 
 
 def run_train(args):
-    from rdp_core.models.ncsnpp import DDPMppConfig
-    from rdp_core.train import TrainConfig, train
-
     model = DDPMppConfig(nf=args.nf, ch_mult=tuple(int(m) for m in args.ch_mult.split(",")),
                          num_res_blocks=args.num_res_blocks)
     config = TrainConfig(model=model, t_max=args.t_max, batch_size=args.batch_size, lr=args.lr,
