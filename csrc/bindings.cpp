@@ -2,6 +2,7 @@
 // (rdp_core/ops) passes zero-copy numpy views of torch tensors and owns every allocation.
 #include <pybind11/pybind11.h>
 
+#include <array>
 #include <string>
 
 #include "group_norm_silu.h"
@@ -10,9 +11,8 @@ namespace py = pybind11;
 
 namespace {
 
-// A C-contiguous float32 buffer of exactly `count` elements, or a ValueError naming `name`.
-py::buffer_info float_buffer(const py::buffer& buffer, const char* name, int64_t count, bool writable) {
-  py::buffer_info info = buffer.request(writable);
+// A ValueError naming `name` unless `info` is a C-contiguous float32 buffer of exactly `count` elements.
+void check_float_buffer(const py::buffer_info& info, const char* name, int64_t count) {
   if (info.format != py::format_descriptor<float>::format()) {
     throw py::value_error(std::string(name) + ": expected float32 data, got format '" + info.format + "'");
   }
@@ -27,6 +27,11 @@ py::buffer_info float_buffer(const py::buffer& buffer, const char* name, int64_t
     }
     expected_stride *= info.shape[d];
   }
+}
+
+py::buffer_info float_buffer(const py::buffer& buffer, const char* name, int64_t count, bool writable) {
+  py::buffer_info info = buffer.request(writable);
+  check_float_buffer(info, name, count);
   return info;
 }
 
@@ -36,25 +41,43 @@ py::buffer_info optional_float_buffer(const py::object& buffer, const char* name
   return float_buffer(buffer.cast<py::buffer>(), name, count, false);
 }
 
+// (N, C, HW) of an (N, C, *spatial) buffer: any number of spatial dims, flattened; none means HW = 1.
+std::array<int64_t, 3> batch_channels_spatial(const py::buffer_info& x) {
+  if (x.ndim < 2) {
+    throw py::value_error("x: expected shape (N, C, *spatial), got " + std::to_string(x.ndim) + " dimension(s)");
+  }
+  int64_t spatial = 1;
+  for (py::ssize_t d = 2; d < x.ndim; ++d) spatial *= x.shape[d];
+  return {static_cast<int64_t>(x.shape[0]), static_cast<int64_t>(x.shape[1]), spatial};
+}
+
 void group_norm_silu_fwd(const py::buffer& x, const py::object& weight, const py::object& bias, const py::buffer& y,
-                         const py::buffer& mean, const py::buffer& rstd, int64_t n, int64_t channels,
-                         int64_t spatial, int64_t groups, double eps) {
-  if (n < 0 || channels < 1 || spatial < 1 || groups < 1 || channels % groups != 0) {
-    throw py::value_error("group_norm_silu_fwd: need n >= 0, spatial >= 1 and channels a positive multiple of groups");
+                         const py::buffer& mean, const py::buffer& rstd, int64_t num_groups, double eps) {
+  // The buffer_infos hold the buffer views for as long as the kernel reads and writes through them.
+  const py::buffer_info x_info = x.request();
+  const auto [n, channels, spatial] = batch_channels_spatial(x_info);
+  if (channels < 1 || num_groups < 1 || channels % num_groups != 0) {
+    throw py::value_error("group_norm_silu_fwd: " + std::to_string(channels) + " channels cannot be split into " +
+                          std::to_string(num_groups) + " equal groups");
+  }
+  if (spatial < 1) {  // an empty group has no mean
+    throw py::value_error("group_norm_silu_fwd: x has no spatial elements; every group needs at least one");
   }
   const int64_t count = n * channels * spatial;
-  // The buffer_infos hold the buffer views for as long as the kernel reads and writes through them.
-  const py::buffer_info x_info = float_buffer(x, "x", count, false);
+  check_float_buffer(x_info, "x", count);
   const py::buffer_info y_info = float_buffer(y, "y", count, true);
-  const py::buffer_info mean_info = float_buffer(mean, "mean", n * groups, true);
-  const py::buffer_info rstd_info = float_buffer(rstd, "rstd", n * groups, true);
+  if (y_info.shape != x_info.shape) {
+    throw py::value_error("y: expected the shape of x");
+  }
+  const py::buffer_info mean_info = float_buffer(mean, "mean", n * num_groups, true);
+  const py::buffer_info rstd_info = float_buffer(rstd, "rstd", n * num_groups, true);
   const py::buffer_info w_info = optional_float_buffer(weight, "weight", channels);
   const py::buffer_info b_info = optional_float_buffer(bias, "bias", channels);
   py::gil_scoped_release release;
   rdp_core::group_norm_silu_forward(static_cast<const float*>(x_info.ptr), static_cast<const float*>(w_info.ptr),
                                     static_cast<const float*>(b_info.ptr), static_cast<float*>(y_info.ptr),
                                     static_cast<float*>(mean_info.ptr), static_cast<float*>(rstd_info.ptr), n,
-                                    channels, spatial, groups, eps);
+                                    channels, spatial, num_groups, eps);
 }
 
 }  // namespace
@@ -62,8 +85,7 @@ void group_norm_silu_fwd(const py::buffer& x, const py::object& weight, const py
 PYBIND11_MODULE(_C, m) {
   m.doc() = "rdp_core's compiled CPU kernels (float32, OpenMP); use them through rdp_core.ops";
   m.def("group_norm_silu_fwd", &group_norm_silu_fwd, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"),
-        py::arg("mean"), py::arg("rstd"), py::arg("n"), py::arg("channels"), py::arg("spatial"), py::arg("groups"),
-        py::arg("eps"),
-        "y = silu(group_norm(x) * weight + bias) over (n, channels, spatial) float32 buffers; writes y and the "
-        "per-group mean and 1/std.");
+        py::arg("mean"), py::arg("rstd"), py::arg("num_groups"), py::arg("eps"),
+        "y = silu(group_norm(x) * weight + bias) for a float32 x of shape (N, C, *spatial); writes y (x's shape) "
+        "and the (N * num_groups) per-group mean and 1/std.");
 }

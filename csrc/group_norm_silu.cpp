@@ -8,18 +8,23 @@
 namespace rdp_core {
 namespace {
 
-constexpr int kLanes = 16;        // independent partial sums: lets the compiler vectorize the reductions
+// Independent partial sums: the compiler vectorizes the reductions over them, and 64 gives four AVX-512
+// (eight AVX2) accumulators, enough to hide the add latency that one vector of 16 was bound by.
+constexpr int kLanes = 64;
 constexpr int64_t kBlock = 4096;  // float partial sums are flushed into double this often
 
 // exp(v) for v in [-87, 88] from plain arithmetic, so that loops calling it vectorize (std::exp does
 // not without -ffast-math): 2^n * e^r with |r| <= ln(2)/2 and Cephes' degree-6 polynomial for e^r.
-// Relative error ~2e-7.
+// Relative error below 1e-7 over the whole range (checked against double exp on every float).
 RDP_CORE_INLINE float exp_approx(float v) {
-  v = v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v);  // not fmin/fmax, floor: libm calls on baseline x86-64
-  const float shifted = v * 1.44269504088896341f + 0.5f;
-  const int32_t truncated = static_cast<int32_t>(shifted);
-  const int32_t n_int = truncated - (shifted < static_cast<float>(truncated) ? 1 : 0);  // floor
-  const float n = static_cast<float>(n_int);
+  v = v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v);  // not fmin/fmax: libm calls on baseline x86-64
+  // Adding 1.5 * 2^23 rounds v / ln(2) to the nearest integer n and leaves n in the low mantissa bits:
+  // two adds where a floor through int conversions costs five instructions per vector.
+  const float shifted = v * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
+  int32_t shifted_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
+  const int32_t n_int = shifted_bits - 0x4B400000;  // the bits of 1.5 * 2^23
   const float r = (v - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -103,7 +108,9 @@ void group_norm_silu_forward(const float* x, const float* weight, const float* b
                              double eps) {
   const int64_t per_group = channels / groups;
   const int64_t group_size = per_group * spatial;
+#ifdef _OPENMP  // without OpenMP the groups run in order on one thread
 #pragma omp parallel for schedule(static)
+#endif
   for (int64_t ng = 0; ng < n * groups; ++ng) {
     group_norm_silu_group(x + ng * group_size, weight, bias, y + ng * group_size, mean + ng, rstd + ng,
                           (ng % groups) * per_group, per_group, spatial, eps);

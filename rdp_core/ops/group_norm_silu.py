@@ -36,13 +36,12 @@ class _GroupNormSiLUCpp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, num_groups, weight, bias, eps):
         x_c = x.detach().contiguous()
-        n, c = x_c.shape[:2]
         y = torch.empty_like(x_c)
-        mean = torch.empty(n * num_groups, dtype=torch.float32)
+        mean = torch.empty(x_c.shape[0] * num_groups, dtype=torch.float32)
         rstd = torch.empty_like(mean)
         _backend.cpp_extension().group_norm_silu_fwd(
             x_c.numpy(), _numpy_or_none(weight), _numpy_or_none(bias), y.numpy(), mean.numpy(), rstd.numpy(),
-            n, c, x_c[0, 0].numel(), num_groups, eps,
+            num_groups, eps,
         )
         ctx.save_for_backward(x, weight, bias)
         ctx.num_groups, ctx.eps = num_groups, eps
@@ -52,12 +51,13 @@ class _GroupNormSiLUCpp(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, bias = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-        leaves = [None if t is None else t.detach().requires_grad_(need) for t, need in zip((x, weight, bias), needs)]
         with torch.enable_grad():
-            y = group_norm_silu_torch(leaves[0], ctx.num_groups, leaves[1], leaves[2], ctx.eps)
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(y, wanted, grad_y))
-        grad_x, grad_w, grad_b = (next(grads) if t is not None and t.requires_grad else None for t in leaves)
+            y = group_norm_silu_torch(x, ctx.num_groups, weight, bias, ctx.eps)
+        # Grad mode is on here only under create_graph=True; the VJP is then itself differentiable (on the
+        # saved inputs, not on copies), so second derivatives are exact too, not silently dropped.
+        wanted = [t for t, need in zip((x, weight, bias), needs) if need]
+        grads = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=torch.is_grad_enabled()))
+        grad_x, grad_w, grad_b = (next(grads) if need else None for need in needs)
         return grad_x, None, grad_w, grad_b, None
 
 

@@ -121,6 +121,22 @@ def test_weight_gradients_only_when_asked(backend):
     assert x.grad is not None and weight.grad is None and bias.grad is None
 
 
+@needs_cpp
+def test_cpp_second_derivatives_match_the_reference():
+    # What a gradient-norm penalty or a Hessian-vector product through the purifier computes.
+    x, weight, bias = inputs((2, 32, 3, 3), seed=12)
+    direction = torch.randn(x.shape)
+    hvps = []
+    for backend in ("torch", "cpp"):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        y = group_norm_silu(leaves[0], 8, leaves[1], leaves[2], backend=backend)
+        (grad_x,) = torch.autograd.grad(y.square().sum(), leaves[0], create_graph=True)
+        hvps.append(torch.autograd.grad((grad_x * direction).sum() + leaves[0].sum(), leaves))
+    for ours, reference in zip(*reversed(hvps)):
+        assert reference.abs().max() > 1e-2  # a second-order term that can be lost
+        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
 def test_cpp_gradient_agrees_with_finite_differences_of_its_own_forward():
     if not CPP_BUILT:
         pytest.skip("rdp_core._C was not built")
@@ -164,12 +180,16 @@ def test_dispatch_picks_cpp_for_cpu_float32_when_built(monkeypatch):
     expected = "cpp" if CPP_BUILT else "torch"
     assert _backend.select("group_norm_silu", x, "auto", ("torch", "cpp")) == expected
     assert _backend.select("group_norm_silu", x.double(), "auto", ("torch",)) == "torch"
+    y = group_norm_silu(x.requires_grad_(), 8)  # the public op follows the same choice
+    assert type(y.grad_fn).__name__.startswith("_GroupNormSiLUCpp") == CPP_BUILT
 
 
 def test_environment_forces_a_backend(monkeypatch):
     x = torch.randn(1, 32, 2, 2)
     monkeypatch.setenv("RDP_CORE_BACKEND", "torch")
     assert _backend.select("group_norm_silu", x, "auto", ("torch", "cpp")) == "torch"
+    monkeypatch.setattr(_backend, "cpp_extension", lambda: pytest.fail("the cpp backend ran under RDP_CORE_BACKEND=torch"))
+    torch.testing.assert_close(group_norm_silu(x, 32), stock(x, 32, None, None), atol=2e-5, rtol=1e-4)
     monkeypatch.setenv("RDP_CORE_BACKEND", "triton")
     with pytest.raises(ValueError, match="no 'triton' backend"):
         group_norm_silu(x, 32)
@@ -207,15 +227,38 @@ def test_extension_rejects_wrong_buffers():
     ext = _backend.cpp_extension()
     x, y = torch.randn(2, 8, 3), torch.empty(2, 8, 3)
     mean, rstd = torch.empty(4), torch.empty(4)
-    with pytest.raises(ValueError, match="float32"):
-        ext.group_norm_silu_fwd(x.double().numpy(), None, None, y.numpy(), mean.numpy(), rstd.numpy(), 2, 8, 3, 2, 1e-5)
-    with pytest.raises(ValueError, match="elements"):
-        ext.group_norm_silu_fwd(x.numpy(), None, None, y.numpy(), mean.numpy(), rstd.numpy(), 2, 8, 4, 2, 1e-5)
-    with pytest.raises(ValueError, match="spatial >= 1"):
-        ext.group_norm_silu_fwd(x.numpy(), None, None, y.numpy(), mean.numpy(), rstd.numpy(), 2, 8, 0, 2, 1e-5)
-    with pytest.raises(ValueError, match="C-contiguous"):
-        ext.group_norm_silu_fwd(x.transpose(1, 2).numpy(), None, None, y.numpy(), mean.numpy(), rstd.numpy(),
-                                2, 8, 3, 2, 1e-5)
+
+    def call(x=x, y=y, mean=mean, rstd=rstd, weight=None, groups=2):
+        ext.group_norm_silu_fwd(x.numpy(), weight, None, y.numpy(), mean.numpy(), rstd.numpy(), groups, 1e-5)
+
+    with pytest.raises(ValueError, match="x: expected float32"):
+        call(x=x.double())
+    with pytest.raises(ValueError, match="x: expected a C-contiguous"):
+        call(x=x.transpose(1, 2).contiguous().transpose(1, 2))
+    with pytest.raises(ValueError, match="y: expected 48 elements, got 40"):
+        call(y=torch.empty(2, 4, 5))
+    with pytest.raises(ValueError, match="y: expected the shape of x"):
+        call(y=torch.empty(2, 3, 8))
+    with pytest.raises(ValueError, match="mean: expected 4 elements"):
+        call(mean=torch.empty(2))
+    with pytest.raises(ValueError, match="weight: expected 8 elements"):
+        call(weight=torch.ones(4).numpy())
+    with pytest.raises(ValueError, match="8 channels cannot be split into 3"):
+        call(groups=3)
+    with pytest.raises(ValueError, match="shape \\(N, C, \\*spatial\\)"):
+        call(x=torch.randn(8), y=torch.empty(8))
+    with pytest.raises(ValueError, match="no spatial elements"):
+        call(x=torch.randn(2, 8, 0), y=torch.empty(2, 8, 0))
+
+
+@needs_cpp
+def test_extension_writes_the_group_statistics():
+    x = torch.randn(3, 64, 5, 5) * 3 + 2
+    y, mean, rstd = torch.empty_like(x), torch.empty(3 * 16), torch.empty(3 * 16)
+    _backend.cpp_extension().group_norm_silu_fwd(x.numpy(), None, None, y.numpy(), mean.numpy(), rstd.numpy(), 16, 1e-5)
+    groups = x.double().reshape(3 * 16, -1)
+    torch.testing.assert_close(mean.double(), groups.mean(dim=1), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rstd.double(), (groups.var(dim=1, unbiased=False) + 1e-5).rsqrt(), atol=0, rtol=1e-6)
 
 
 def test_extension_is_built():
