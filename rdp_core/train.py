@@ -56,7 +56,6 @@ def train(config, data_root, out_dir, resume=False, progress=True):
     """Trains until the time budget or max_steps is used; returns the path of the fp16 EMA weights."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     images, _ = load_cifar10("train", root=data_root)
     net = NCSNpp(config.model).train()
@@ -64,10 +63,14 @@ def train(config, data_root, out_dir, resume=False, progress=True):
     ema.load_state_dict(net.state_dict())
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
     step = _resume(out_dir, net, ema, optimizer) if resume else 0
+    # Seeded by the step so that a resumed run draws new batches instead of replaying the first ones.
+    generator = torch.Generator().manual_seed(config.seed + step)
 
     log = open(out_dir / "train_log.jsonl", "a")
+    log.write(json.dumps({"start_step": step, "command": _command()}) + "\n")
     start = last_save = time.time()
-    bar = _progress_bar(config, progress)
+    start_step = step
+    bar = _progress_bar(config, progress, start_step)
     running = None
     while not _done(config, step, start):
         x0 = _batch(images, config.batch_size, generator)
@@ -85,9 +88,9 @@ def train(config, data_root, out_dir, resume=False, progress=True):
         bar.set_postfix(loss=f"{running:.4f}")
         if step % config.log_every == 0:
             elapsed = time.time() - start
+            images_per_s = (step - start_step) * config.batch_size / max(elapsed, 1e-9)
             log.write(json.dumps({"step": step, "loss": loss.item(), "loss_smoothed": running,
-                                  "elapsed_s": round(elapsed, 1),
-                                  "images_per_s": round(step * config.batch_size / max(elapsed, 1e-9), 2)}) + "\n")
+                                  "elapsed_s": round(elapsed, 1), "images_per_s": round(images_per_s, 2)}) + "\n")
             log.flush()
         if time.time() - last_save > 60 * config.save_every_minutes:
             _save(out_dir, config, net, ema, optimizer, step)
@@ -133,10 +136,10 @@ def _update_ema(ema, net, decay):
         e.lerp_(p, 1.0 - decay)
 
 
-def _progress_bar(config, enabled):
+def _progress_bar(config, enabled, initial):
     from tqdm.auto import tqdm
 
-    return tqdm(total=config.max_steps or None, desc="training", unit="step", disable=not enabled)
+    return tqdm(total=config.max_steps or None, initial=initial, desc="training", unit="step", disable=not enabled)
 
 
 def _save(out_dir, config, net, ema, optimizer, step):
@@ -146,11 +149,15 @@ def _save(out_dir, config, net, ema, optimizer, step):
         "model_config": json.dumps(dataclasses.asdict(config.model)),
         "train_config": json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k != "model"}),
         "step": str(step),
-        "command": " ".join(["rdp-core"] + sys.argv[1:]),
+        "command": _command(),
     }
     path = out_dir / "model.safetensors"
     save_file({k: v.half().contiguous() for k, v in ema.state_dict().items()}, str(path), metadata=metadata)
     return path
+
+
+def _command():
+    return " ".join(["rdp-core"] + sys.argv[1:])
 
 
 def _resume(out_dir, net, ema, optimizer):

@@ -15,7 +15,8 @@ def test_training_learns_saves_and_resumes(data_root, tmp_path):
                          log_every=10, ema_decay=0.5)
     path = train(config, data_root, tmp_path, progress=False)
     lines = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [10, 20, 30, 40]
+    assert lines[0]["start_step"] == 0 and "command" in lines[0]
+    assert [line["step"] for line in lines[1:]] == [10, 20, 30, 40]
     model = load_trained(path)
     assert model.metadata["step"] == "40" and json.loads(model.metadata["model_config"])["nf"] == 8
     # At initialisation the output is ~0, so the loss is ~1 (the noise variance); training must go below.
@@ -26,6 +27,8 @@ def test_training_learns_saves_and_resumes(data_root, tmp_path):
     config.max_steps = 45
     train(config, data_root, tmp_path, resume=True, progress=False)
     assert load_trained(path).metadata["step"] == "45"
+    resumed = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()][5]
+    assert resumed["start_step"] == 40
 
 
 def test_denoising_psnr_rewards_a_better_denoiser():
