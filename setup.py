@@ -1,7 +1,8 @@
 """Build of the optional compiled extension rdp_core._C (C++17, pybind11, OpenMP).
 
-Everything else lives in pyproject.toml. The extension never sees torch: it takes contiguous float
-buffers and sizes, and rdp_core.ops wraps it. If it cannot be compiled the install still succeeds and
+Everything else lives in pyproject.toml. The extension never sees torch: it takes float32 numpy views
+(contiguous, or strided where a kernel reads views in place, as attention does) and sizes, and rdp_core.ops
+wraps it. If it cannot be compiled the install still succeeds and
 rdp_core falls back to its torch reference ops (it warns once at the first CPU op that would have used it).
 """
 import glob
@@ -45,6 +46,7 @@ class BuildExtWithOpenMP(build_ext):
 ext = Pybind11Extension(
     "rdp_core._C",
     sorted(glob.glob("csrc/*.cpp")),
+    depends=sorted(glob.glob("csrc/*.h")),  # a changed header rebuilds the sources
     cxx_std=17,
     # Portable baseline code only (no -march=native): a wheel built here must run on any x86-64.
     # -fno-trapping-math and -fno-math-errno change no result (we never read FP exception flags or errno);

@@ -1,4 +1,7 @@
-"""GroupNorm+SiLU: every backend against stock torch ops and the float64 reference."""
+"""GroupNorm (+ scale-shift) (+ SiLU): the CPU backends against stock torch ops and the float64 reference.
+
+The Triton kernels have their own file, tests/kernels/test_group_norm_silu.py."""
+import importlib
 import os
 import subprocess
 import sys
@@ -8,7 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from rdp_core import _backend
-from rdp_core.ops import GroupNormSiLU, group_norm_silu, group_norm_silu_torch
+from rdp_core.ops import (GroupNormAct, GroupNormSiLU, group_norm, group_norm_act, group_norm_act_torch,
+                          group_norm_silu, group_norm_silu_torch)
+
+gns_module = importlib.import_module("rdp_core.ops.group_norm_silu")  # the module, not the function it exports
 
 CPP_BUILT = _backend.cpp_extension() is not None
 needs_cpp = pytest.mark.skipif(not CPP_BUILT, reason="rdp_core._C was not built")
@@ -181,24 +187,27 @@ def test_dispatch_picks_cpp_for_cpu_float32_when_built(monkeypatch):
     assert _backend.select("group_norm_silu", x, "auto", ("torch", "cpp")) == expected
     assert _backend.select("group_norm_silu", x.double(), "auto", ("torch",)) == "torch"
     y = group_norm_silu(x.requires_grad_(), 8)  # the public op follows the same choice
-    assert type(y.grad_fn).__name__.startswith("_GroupNormSiLUCpp") == CPP_BUILT
+    assert type(y.grad_fn).__name__.startswith("_GroupNormActCpp") == CPP_BUILT
 
 
 def test_environment_forces_a_backend(monkeypatch):
     x = torch.randn(1, 32, 2, 2)
     monkeypatch.setenv("RDP_CORE_BACKEND", "torch")
     assert _backend.select("group_norm_silu", x, "auto", ("torch", "cpp")) == "torch"
-    monkeypatch.setattr(_backend, "cpp_extension", lambda: pytest.fail("the cpp backend ran under RDP_CORE_BACKEND=torch"))
+    monkeypatch.setattr(_backend, "cpp_extension",
+                        lambda: pytest.fail("the cpp backend ran under RDP_CORE_BACKEND=torch"))
     torch.testing.assert_close(group_norm_silu(x, 32), stock(x, 32, None, None), atol=2e-5, rtol=1e-4)
     monkeypatch.setenv("RDP_CORE_BACKEND", "triton")
-    with pytest.raises(ValueError, match="no 'triton' backend"):
+    with pytest.raises(ValueError, match="triton backend runs on CUDA tensors"):
         group_norm_silu(x, 32)
 
 
 def test_unavailable_or_unknown_backends_are_errors():
     x = torch.randn(1, 32, 2, 2)
-    with pytest.raises(ValueError, match="no 'triton' backend"):
+    with pytest.raises(ValueError, match="triton backend runs on CUDA tensors"):
         group_norm_silu(x, 32, backend="triton")
+    with pytest.raises(ValueError, match="triton backend takes non-empty float32, float16 or bfloat16"):
+        group_norm_silu(x.double(), 32, backend="triton")
     with pytest.raises(ValueError, match="triton backend runs on CUDA tensors"):
         _backend.select("some_op", x, "triton")
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
@@ -289,3 +298,239 @@ def test_without_the_extension_ops_fall_back_to_torch_and_warn_once():
         "    raise AssertionError('an explicit cpp request must fail without the extension')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- The general op: plain group norm and ADM's scale-shift variant, and the C++ backward -----------------------
+
+VARIANTS = [("silu", False), (None, False), ("silu", True), (None, True)]
+VARIANT_IDS = ["silu", "plain", "silu-scale-shift", "plain-scale-shift"]
+
+
+def stock_act(x, groups, weight, bias, scale=None, shift=None, activation="silu", eps=1e-5):
+    """The same function from stock torch ops, as a user would write it (ADM's ResBlock for the FiLM)."""
+    y = F.group_norm(x, groups, weight, bias, eps)
+    trailing = (1,) * (x.dim() - 2)
+    if scale is not None:
+        y = y * (1 + scale.reshape(scale.shape[:2] + trailing)) + shift.reshape(shift.shape[:2] + trailing)
+    return F.silu(y) if activation == "silu" else y
+
+
+def film(shape, seed):
+    gen = torch.Generator().manual_seed(seed + 1000)
+    return torch.randn(shape[:2], generator=gen) * 0.5, torch.randn(shape[:2], generator=gen)
+
+
+def variant_inputs(shape, seed, with_film, **kwargs):
+    x, weight, bias = inputs(shape, seed, **kwargs)
+    scale, shift = film(shape, seed) if with_film else (None, None)
+    return x, weight, bias, scale, shift
+
+
+def reference_grads(tensors, groups, grad_y, activation, dtype=torch.float64):
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in tensors]
+    y = group_norm_act_torch(leaves[0], groups, leaves[1], leaves[2], 1e-5, leaves[3], leaves[4], activation)
+    present = [t for t in leaves if t is not None]
+    return y, torch.autograd.grad(y, present, grad_y.to(dtype))
+
+
+def stock_grads(tensors, groups, grad_y, activation):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+    y = stock_act(leaves[0], groups, leaves[1], leaves[2], leaves[3], leaves[4], activation)
+    return torch.autograd.grad(y, [t for t in leaves if t is not None], grad_y)
+
+
+def assert_grads_match(ours, exact, stock_float32, factor=3.0, floor=2e-5):
+    """Each gradient within `factor` times stock float32 torch's error against float64 (or a tiny floor)."""
+    for name, a, e, s in zip(("x", "weight", "bias", "scale", "shift"), ours, exact, stock_float32):
+        assert a.dtype == s.dtype and a.shape == s.shape, name
+        error = (a.double() - e).abs().max().item()
+        baseline = (s.double() - e).abs().max().item()
+        assert error <= max(factor * baseline, floor * max(1.0, e.abs().max().item())), \
+            f"grad {name}: error {error:.3g} vs stock torch {baseline:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation, with_film", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("shape", [(2, 128, 16, 16), (2, 64, 7, 7), (3, 32, 13, 17), (2, 32, 5), (1, 32, 2, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_variant_forward_and_backward_match_stock_and_float64(backend, activation, with_film, shape):
+    groups = 32 if shape[1] >= 64 else 16
+    tensors = variant_inputs(shape, seed=sum(shape) + 7, with_film=with_film)
+    leaves = [None if t is None else t.clone().requires_grad_() for t in tensors]
+    y = group_norm_act(leaves[0], groups, leaves[1], leaves[2], 1e-5, leaves[3], leaves[4], activation, backend)
+    grad_y = torch.randn(shape)
+    exact_y, exact = reference_grads(tensors, groups, grad_y, activation)
+    stock_y = stock_act(tensors[0], groups, *tensors[1:], activation)
+    assert y.shape == shape and y.dtype == torch.float32
+    assert (y.double() - exact_y).abs().max() <= max(2 * (stock_y.double() - exact_y).abs().max(), 1e-5)
+    ours = torch.autograd.grad(y, [t for t in leaves if t is not None], grad_y)
+    assert_grads_match(ours, exact, stock_grads(tensors, groups, grad_y, activation))
+
+
+@needs_cpp
+@pytest.mark.parametrize("activation, with_film", VARIANTS, ids=VARIANT_IDS)
+def test_cpp_backward_runs_the_kernel_not_the_reference(monkeypatch, activation, with_film):
+    tensors = variant_inputs((2, 32, 6, 6), seed=20, with_film=with_film)
+    leaves = [None if t is None else t.clone().requires_grad_() for t in tensors]
+    y = group_norm_act(leaves[0], 8, leaves[1], leaves[2], 1e-5, leaves[3], leaves[4], activation, "cpp")
+    monkeypatch.setattr(gns_module, "group_norm_act_torch", lambda *a, **k: pytest.fail("backward recomputed"))
+    grad_y = torch.randn(y.shape)
+    ours = torch.autograd.grad(y, [t for t in leaves if t is not None], grad_y)
+    monkeypatch.undo()
+    exact = reference_grads(tensors, 8, grad_y, activation)[1]
+    assert_grads_match(ours, exact, stock_grads(tensors, 8, grad_y, activation))
+
+
+@needs_cpp
+@pytest.mark.parametrize("wanted", ["x", "weight", "scale", "shift", "x+bias"])
+def test_cpp_backward_returns_only_the_gradients_asked_for(wanted):
+    tensors = variant_inputs((2, 32, 4, 4), seed=21, with_film=True)
+    names = ("x", "weight", "bias", "scale", "shift")
+    leaves = [t.clone().requires_grad_(name in wanted.split("+")) for name, t in zip(names, tensors)]
+    y = group_norm_act(*leaves[:1], 8, *leaves[1:3], 1e-5, *leaves[3:], activation="silu", backend="cpp")
+    grad_y = torch.randn(y.shape)
+    y.backward(grad_y)
+    exact = dict(zip(names, reference_grads(tensors, 8, grad_y, "silu")[1]))
+    for name, leaf in zip(names, leaves):
+        if name in wanted.split("+"):
+            torch.testing.assert_close(leaf.grad.double(), exact[name], atol=1e-4, rtol=1e-4)
+        else:
+            assert leaf.grad is None, name
+
+
+@needs_cpp
+def test_cpp_backward_skips_parameter_gradients_for_frozen_weights(monkeypatch):
+    # An attack's backward: only grad_x; the extension must be handed no parameter-gradient buffers.
+    calls = []
+    ext = _backend.cpp_extension()
+
+    class Spy:
+        group_norm_act_fwd = staticmethod(ext.group_norm_act_fwd)
+
+        @staticmethod
+        def group_norm_act_bwd(*args):
+            calls.append(args[9:13])
+            return ext.group_norm_act_bwd(*args)
+
+    monkeypatch.setattr(_backend, "cpp_extension", lambda: Spy)
+    x, weight, bias = inputs((2, 32, 4, 4), seed=22)
+    x.requires_grad_()
+    group_norm_silu(x, 8, weight, bias, backend="cpp").sum().backward()
+    assert calls == [(None, None, None, None)]
+    assert x.grad is not None and weight.grad is None
+
+
+@needs_cpp
+def test_cpp_backward_with_non_contiguous_input_and_grad():
+    x, weight, bias = inputs((2, 64, 9, 9), seed=23)
+    x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2).requires_grad_()
+    grad_y = torch.randn(2, 9, 9, 64).permute(0, 3, 1, 2)
+    assert not x.is_contiguous() and not grad_y.is_contiguous()
+    (ours,) = torch.autograd.grad(group_norm_silu(x, 32, weight, bias, backend="cpp"), x, grad_y)
+    (theirs,) = torch.autograd.grad(stock(x, 32, weight, bias), x, grad_y)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@needs_cpp
+@pytest.mark.parametrize("activation", ["silu", None])
+def test_cpp_backward_large_mean(activation):
+    # mean 1e3, std 1: the float32 mean/rstd the forward saves still give gradients as good as stock torch's.
+    tensors = variant_inputs((2, 64, 8, 8), seed=24, with_film=True, offset=1e3)
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    y = group_norm_act(leaves[0], 32, *leaves[1:3], 1e-5, *leaves[3:], activation=activation, backend="cpp")
+    grad_y = torch.randn(y.shape)
+    ours = torch.autograd.grad(y, leaves, grad_y)
+    exact = reference_grads(tensors, 32, grad_y, activation)[1]
+    assert_grads_match(ours, exact, stock_grads(tensors, 32, grad_y, activation))
+
+
+@needs_cpp
+@pytest.mark.parametrize("activation", ["silu", None])
+def test_cpp_double_backward_through_scale_shift_is_exact(activation):
+    # create_graph=True takes the differentiable reference VJP: second derivatives, also to scale and shift.
+    tensors = variant_inputs((2, 32, 3, 3), seed=25, with_film=True)
+    direction = torch.randn(tensors[0].shape)
+    results = []
+    for backend in ("torch", "cpp"):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        y = group_norm_act(leaves[0], 8, *leaves[1:3], 1e-5, *leaves[3:], activation=activation, backend=backend)
+        (grad_x,) = torch.autograd.grad(y.square().sum(), leaves[0], create_graph=True)
+        results.append(torch.autograd.grad((grad_x * direction).sum(), leaves))
+    for ours, reference in zip(results[1], results[0]):
+        assert reference.abs().max() > 1e-2
+        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+@needs_cpp
+def test_cpp_plain_group_norm_matches_stock_on_awkward_shapes():
+    for shape, groups in [((3, 96, 13, 17), 32), ((2, 16, 7, 7), 16), ((4, 8), 2)]:
+        x, weight, bias = inputs(shape, seed=sum(shape))
+        torch.testing.assert_close(group_norm(x, groups, weight, bias, 1e-6, backend="cpp"),
+                                   F.group_norm(x, groups, weight, bias, 1e-6), atol=2e-5, rtol=1e-4)
+
+
+def test_scale_shift_shapes_and_activation_are_checked():
+    x = torch.randn(2, 32, 4, 4)
+    scale = torch.randn(2, 32, 1, 1)
+    torch.testing.assert_close(group_norm_act(x, 8, scale=scale, shift=scale, activation=None),
+                               stock_act(x, 8, None, None, scale, scale, None), atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="scale must have shape \\(2, 32\\)"):
+        group_norm_act(x, 8, scale=torch.randn(32))
+    with pytest.raises(ValueError, match="shift must have shape"):
+        group_norm_act(x, 8, shift=torch.randn(2, 32, 2, 1))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        group_norm_act(x, 8, activation="gelu")
+    with pytest.raises(ValueError, match="cpp backend takes non-empty float32"):
+        group_norm_act(x, 8, scale=scale.double(), backend="cpp")
+
+
+def test_group_norm_act_module_keeps_keys_and_takes_scale_shift():
+    plain = torch.nn.GroupNorm(8, 32, eps=1e-6)
+    fused = GroupNormAct(8, 32, eps=1e-6, activation=None)
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    with torch.no_grad():
+        plain.weight.normal_(), plain.bias.normal_()
+    fused.load_state_dict(plain.state_dict())
+    x, scale, shift = torch.randn(2, 32, 5, 5), torch.randn(2, 32), torch.randn(2, 32)
+    torch.testing.assert_close(fused(x), plain(x), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(fused(x, scale, shift), stock_act(x, 8, plain.weight, plain.bias, scale, shift, None,
+                                                                  1e-6), atol=2e-5, rtol=1e-4)
+    assert "activation=None" in repr(fused)
+
+
+@needs_cpp
+def test_extension_backward_rejects_wrong_buffers():
+    ext = _backend.cpp_extension()
+    x, grad = torch.randn(2, 8, 3), torch.randn(2, 8, 3)
+    mean, rstd = torch.zeros(4), torch.ones(4)
+
+    def call(grad_x=torch.empty(2, 8, 3), grad_weight=None, grad_scale=None, mean=mean, scale=None):
+        ext.group_norm_act_bwd(x.numpy(), None, None, scale, None, mean.numpy(), rstd.numpy(), grad.numpy(),
+                               grad_x.numpy(), grad_weight, None, grad_scale, None, 2, True)
+
+    with pytest.raises(ValueError, match="grad_x: expected the shape of x"):
+        call(grad_x=torch.empty(2, 3, 8))
+    with pytest.raises(ValueError, match="grad_weight: expected 8 elements"):
+        call(grad_weight=torch.empty(4).numpy())
+    with pytest.raises(ValueError, match="grad_scale: expected 16 elements"):
+        call(grad_scale=torch.empty(8).numpy())
+    with pytest.raises(ValueError, match="scale: expected 16 elements"):
+        call(scale=torch.empty(2, 4).numpy())
+    with pytest.raises(ValueError, match="mean: expected 4 elements"):
+        call(mean=torch.empty(3))
+
+
+@needs_cpp
+def test_cpp_gradients_reach_scale_shift_given_as_chunks_of_an_embedding():
+    # ADM's ResBlock: scale, shift = emb_out.chunk(2, dim=1), (N, C, 1, 1) strided views of one tensor.
+    x, weight, bias = inputs((2, 32, 5, 5), seed=26)
+    emb_out = torch.randn(2, 64, 1, 1, requires_grad=True)
+    grad_y = torch.randn(x.shape)
+    grads = []
+    for backend in ("torch", "cpp"):
+        scale, shift = emb_out.chunk(2, dim=1)
+        assert not scale.is_contiguous()
+        y = group_norm_act(x, 8, weight, bias, 1e-5, scale, shift, activation="silu", backend=backend)
+        grads.append(torch.autograd.grad(y, emb_out, grad_y)[0])
+    assert grads[0].abs().max() > 1e-2
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
