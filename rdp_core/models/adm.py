@@ -5,8 +5,10 @@ middle_block, output_blocks, out; in_layers / emb_layers / out_layers / skip_con
 norm / qkv / proj_out inside AttentionBlock, with the legacy head-then-qkv split), so
 `256x256_diffusion_uncond.pt` (DiffPure's ImageNet model) loads strictly. Where a GroupNorm is followed by
 SiLU in a Sequential, the fused GroupNormSiLU sits at the norm's index and nn.Identity at the SiLU's, so no
-key moves. Attention goes through rdp_core.ops. fp16 inference converts the torso's convolutions, as
-guided-diffusion's convert_to_fp16 does; normalisation always computes in float32.
+key moves; the scale-shift norm (norm, FiLM, SiLU) is one `group_norm_act` call and GroupNorm32 a plain
+`GroupNormAct`, all on rdp_core.ops' dispatched backends. Attention goes through rdp_core.ops. fp16 inference
+converts the torso's convolutions, as guided-diffusion's convert_to_fp16 does; normalisation always computes
+its statistics in float32 and returns the input's dtype.
 """
 import math
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rdp_core.models.checkpoint import load_strict, read_state
-from rdp_core.ops import GroupNormSiLU
+from rdp_core.ops import GroupNormAct, GroupNormSiLU, group_norm_act
 from rdp_core.ops.attention import attention
 
 
@@ -44,11 +46,12 @@ class ADMConfig:
 IMAGENET256_UNCOND = ADMConfig()
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm that computes in float32 whatever the input dtype (guided-diffusion's GroupNorm32)."""
+class GroupNorm32(GroupNormAct):
+    """guided-diffusion's GroupNorm32: statistics in float32 (or wider) whatever the input dtype, result in the
+    input's dtype; no activation. Same parameters as nn.GroupNorm, so keys stay."""
 
-    def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+    def __init__(self, num_groups, num_channels, eps=1e-5):
+        super().__init__(num_groups, num_channels, eps, activation=None)
 
 
 def timestep_embedding(timesteps, dim, max_period=10000):
@@ -105,7 +108,8 @@ class ResBlock(nn.Module):
         else:
             self.h_upd = self.x_upd = nn.Identity()
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, (1 + use_scale_shift_norm) * out_channels))
-        # With scale-shift the norm and the SiLU are separated by the FiLM, so they stay two modules.
+        # With scale-shift the FiLM sits between the norm and the SiLU: they stay two modules (for the keys), and
+        # forward runs norm, FiLM and SiLU as one fused op from the norm's parameters.
         first = (GroupNorm32(32, out_channels), nn.SiLU()) if use_scale_shift_norm else \
             (GroupNormSiLU(32, out_channels), nn.Identity())
         self.out_layers = nn.Sequential(*first, nn.Dropout(dropout),
@@ -120,8 +124,9 @@ class ResBlock(nn.Module):
         emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            h = self.out_layers[1:](h)
+            norm = self.out_layers[0]
+            h = group_norm_act(h, norm.num_groups, norm.weight, norm.bias, norm.eps, scale, shift, activation="silu")
+            h = self.out_layers[2:](h)
         else:
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
@@ -145,7 +150,8 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(x))
         head = c // self.num_heads
         q, k, v = qkv.reshape(b, self.num_heads, 3 * head, -1).transpose(-1, -2).split(head, dim=-1)
-        h = attention(q.contiguous(), k.contiguous(), v.contiguous()).transpose(-1, -2).reshape(b, c, -1)
+        # Strided views of qkv: the compiled attention backends read them in place, so no copies here.
+        h = attention(q, k, v).transpose(-1, -2).reshape(b, c, -1)
         return (x + self.proj_out(h)).reshape(b, c, *spatial)
 
 

@@ -9,8 +9,9 @@ Conv_0, Dense_0, NIN_0, ... and NIN's `W`/`b`), so an official checkpoint's stat
 `shadow_params` (a list in parameter order) load unchanged. Only the configurations above are built:
 no FIR, no progressive growing, no Fourier embedding.
 
-GroupNorm followed by SiLU is one `GroupNormSiLU` (same `weight`/`bias` keys) and attention goes through
-rdp_core.ops, so the fused kernels apply without any key moving.
+GroupNorm followed by SiLU is one `GroupNormSiLU`, attention's plain GroupNorm a `GroupNormAct` without
+activation (both keep nn.GroupNorm's `weight`/`bias` keys), and attention goes through rdp_core.ops, so the
+fused kernels apply without any key moving.
 """
 import math
 from dataclasses import dataclass, replace
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rdp_core.models.checkpoint import CheckpointMismatch, load_strict, read_state, strip_prefix
-from rdp_core.ops import GroupNormSiLU
+from rdp_core.ops import GroupNormAct, GroupNormSiLU
 from rdp_core.ops.attention import attention
 
 
@@ -96,7 +97,7 @@ class AttnBlockpp(nn.Module):
 
     def __init__(self, channels, init_scale=0.0):
         super().__init__()
-        self.GroupNorm_0 = nn.GroupNorm(_groups(channels), channels, eps=1e-6)
+        self.GroupNorm_0 = GroupNormAct(_groups(channels), channels, eps=1e-6, activation=None)  # keys of nn.GroupNorm
         self.NIN_0 = NIN(channels, channels)
         self.NIN_1 = NIN(channels, channels)
         self.NIN_2 = NIN(channels, channels)

@@ -112,3 +112,21 @@ def test_eps_wrapper_maps_continuous_time_to_the_discrete_index():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ADMEpsModel(net)(x, torch.tensor([0.1])), net(x, torch.tensor([99.0]))[:, :3])
+
+
+def test_every_group_norm_runs_on_rdp_core_ops(assert_norms_run_on_rdp_core_ops):
+    # GroupNorm32, the fused GroupNormSiLU and the scale-shift norm all go through rdp_core.ops.
+    out = assert_norms_run_on_rdp_core_ops(UNetModel(TINY).eval(), torch.randn(1, 3, 32, 32), torch.tensor([10.0]))
+    assert out.shape == (1, 6, 32, 32)
+
+
+def test_group_norm32_keeps_float32_statistics_and_the_input_dtype():
+    from rdp_core.models.adm import GroupNorm32
+
+    norm = randomize(GroupNorm32(32, 64))
+    assert list(norm.state_dict()) == ["weight", "bias"]
+    x = (torch.randn(2, 64, 5, 5) * 30 + 100).half()  # float16 statistics would lose most of the variance
+    y = norm(x)
+    assert y.dtype == torch.float16
+    expected = F.group_norm(x.float(), 32, norm.weight, norm.bias).half()
+    torch.testing.assert_close(y, expected, atol=2e-3, rtol=2e-3)
