@@ -35,7 +35,7 @@ namespace {
 constexpr int64_t kCols = 16;
 // Query and key block sizes. A 64 x 128 score tile is 32 KiB, an L1's worth; 128 keys per step halve the
 // online-softmax passes over the output rows against 64 keys, which measured 5-15% slower on the forward
-// (2-core AMD EPYC, AVX2); 48 or 96 queries per block measured no different from 64.
+// (2-core AMD EPYC); 48 or 96 queries per block measured no different from 64.
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 128;
 // The backward keeps dK and dV of a whole key block (2 x keys x head_dim floats, 128 KiB at head_dim 256) in

@@ -1,14 +1,17 @@
 """Which implementation runs an op, decided per call from the tensor it gets, never at import.
 
 Order for backend="auto": a CUDA tensor with triton installed -> "triton"; a CPU tensor with the
-compiled extension built -> "cpp"; otherwise the readable torch reference, "torch". The environment
+compiled extension built -> "cpp"; otherwise stock torch ops, "torch". The environment
 variable RDP_CORE_BACKEND replaces "auto" everywhere (for A/B runs and debugging). Asking for a backend
 that cannot run on the given tensor is a ValueError, never a silent fallback.
 """
+import contextlib
 import functools
 import importlib.util
 import os
 import warnings
+
+import torch
 
 BACKENDS = ("torch", "cpp", "triton")
 
@@ -66,3 +69,11 @@ def select(op, x, requested="auto", implemented=BACKENDS):
     if reason is not None:
         raise ValueError(f"{op}: backend {requested!r} was requested but {reason}")
     return requested
+
+
+def profiled(name):
+    """A profiler range named `name` while torch's profiler runs, else nothing: calls into rdp_core._C are not
+    aten ops, so without it their time would be missing from torch.profiler tables."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        return torch.autograd.profiler.record_function(name)
+    return contextlib.nullcontext()

@@ -10,9 +10,10 @@ ADM's time embedding gives them); act is SiLU (activation="silu") or none (activ
 `group_norm_act_torch` is the readable reference the backends are tested against; the "torch" backend (the
 fallback) is `group_norm_act_eager`, the same function from stock F.group_norm and F.silu. The compiled
 backends fuse the whole expression into one pass that reads each group once and, in the backward, one that
-reads x and grad_y twice: "cpp" (rdp_core._C, float32 CPU tensors) and "triton" (rdp_core.kernels, CUDA tensors in float32,
-float16 or bfloat16). Statistics are float32 or wider whatever the input dtype, and the result has the
-input's dtype (guided-diffusion's GroupNorm32 behaviour, which ADM's fp16 inference relies on).
+reads x and grad_y twice: "cpp" (rdp_core._C, float32 CPU tensors) and "triton" (rdp_core.kernels, CUDA
+tensors in float32, float16 or bfloat16). Statistics are float32 or wider whatever the input dtype, and the
+result has the input's dtype (guided-diffusion's GroupNorm32 behaviour, which ADM's fp16 inference relies
+on).
 """
 import math
 
@@ -191,7 +192,8 @@ def group_norm_act(x, num_groups, weight=None, bias=None, eps=1e-5, scale=None, 
         return group_norm_act_eager(x, num_groups, weight, bias, eps, scale, shift, activation)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         # Purification without gradients: the kernel alone, without autograd.Function's per-call overhead.
-        return _FORWARDS[chosen](x, num_groups, eps, activation, tensors[1:])[0]
+        with _backend.profiled(f"rdp_core::group_norm_act_{chosen}"):
+            return _FORWARDS[chosen](x, num_groups, eps, activation, tensors[1:])[0]
     return _FUNCTIONS[chosen].apply(x, weight, bias, scale, shift, num_groups, eps, activation)
 
 

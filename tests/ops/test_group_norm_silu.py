@@ -190,6 +190,15 @@ def test_dispatch_picks_cpp_for_cpu_float32_when_built(monkeypatch):
     assert type(y.grad_fn).__name__.startswith("_GroupNormActCpp") == CPP_BUILT
 
 
+@pytest.mark.skipif(not CPP_BUILT, reason="rdp_core._C was not built")
+def test_kernel_time_is_visible_to_torch_profiler():
+    # A call into rdp_core._C is no aten op: without its own profiler range its time would vanish from tables.
+    x = torch.randn(2, 32, 4, 4)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        group_norm_silu(x, 32, backend="cpp")
+    assert "rdp_core::group_norm_act_cpp" in {event.key for event in prof.key_averages()}
+
+
 def test_environment_forces_a_backend(monkeypatch):
     x = torch.randn(1, 32, 2, 2)
     monkeypatch.setenv("RDP_CORE_BACKEND", "torch")

@@ -1,0 +1,72 @@
+"""Where the time of one DDPM++ CIFAR-10 forward goes, per backend: the share of each kind of op.
+
+    python bench/profile_model.py [--device cpu|cuda] [--batch 8]
+
+The same model as bench/bench_model.py (score_sde's config, random weights, eval, no gradients), profiled
+once per backend after a warm-up. It says how much of a forward the fused ops can touch at all: the rest is
+convolutions and matrix products, which both backends hand to the same library.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_model import _model  # noqa: E402  (one model definition for the benchmark and this profile)
+
+KINDS = {  # first match wins; names are torch's and rdp_core's autograd.Function / op names
+    "convolution": ("conv",),
+    "matmul (attention projections, time embedding)": ("bmm", "mm", "matmul", "addmm", "einsum"),
+    "group norm (+ FiLM, SiLU)": ("group_norm", "groupnorm", "silu"),
+    "attention": ("attention", "softmax"),
+}
+
+
+def kind_of(name):
+    lowered = name.lower()
+    for kind, keys in KINDS.items():
+        if any(key in lowered for key in keys):
+            return kind
+    return "other (adds, copies, resampling, ...)"
+
+
+def profile_forward(model, x, t, device):
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad():
+        model(x, t)
+        with profile(activities=activities) as prof:
+            model(x, t)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    shares = {}
+    for event in prof.key_averages():
+        time_us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        shares[kind_of(event.key)] = shares.get(kind_of(event.key), 0.0) + time_us
+    return shares
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    model = _model(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, 32, 32, generator=gen).to(device)
+    t = (torch.rand(args.batch, generator=gen) * 100).to(device)
+    print(f"DDPM++ CIFAR-10 forward, batch {args.batch}, {device.type}, {torch.get_num_threads()} threads")
+    for backend in ("torch", "auto"):
+        os.environ["RDP_CORE_BACKEND"] = backend
+        shares = profile_forward(model, x, t, device)
+        total = sum(shares.values())
+        print(f"\nbackend {backend}: {total / 1e3:.1f} ms of op self time")
+        for kind, time_us in sorted(shares.items(), key=lambda item: -item[1]):
+            print(f"  {kind:<50} {time_us / 1e3:9.1f} ms  {100 * time_us / total:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
