@@ -7,6 +7,6 @@ Importing this package loads no kernels, imports no triton and queries no device
 """
 __version__ = "0.1.0"
 
-from rdp_core.api import Purifier, diffuse, purify
+from rdp_core.api import Purifier, diffuse, eot_gradient, purify
 
-__all__ = ["Purifier", "diffuse", "purify", "__version__"]
+__all__ = ["Purifier", "diffuse", "eot_gradient", "purify", "__version__"]

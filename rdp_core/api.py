@@ -1,22 +1,28 @@
 """The public entry points: `purify` and the `Purifier` module.
 
 Purification (DiffPure, Nie et al. 2022): map images from [0, 1] to [-1, 1], diffuse them in closed form
-to t*, run a reverse solver with an epsilon model back to t = 0, and map back to [0, 1]. Everything is
-differentiable with plain autograd (attacks need the gradient); randomness comes from one seed drawn from
-the caller's generator, so the same seed gives the same output.
+to t*, run a reverse solver with an epsilon model back to t = 0, and map back to [0, 1]. The result is
+differentiable with respect to the images, exactly (attacks need the gradient; see `grad` in `purify`);
+randomness comes from one seed drawn from the caller's generator, so the same seed gives the same output.
+`eot_gradient` averages the gradient of a loss over several independent purifications (EOT).
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rdp_core.models.default import default_eps_model_for, load_default_eps_model
 from rdp_core.sampling import DIFFUSION_DRAW, VP, StepNoise, make_solver
+from rdp_core.sampling.adjoint import checkpointed_solve, warn_if_trainable
 
 # How far outside [0, 1] an input may stray (rounding of attack iterates) before it is an error.
 RANGE_TOLERANCE = 1e-3
 
 
+GRAD_MODES = ("adjoint", "autograd", "bpda", "none")
+
+
 def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=None, clip=True, progress=False,
-           schedule=VP, **solver_options):
+           grad="adjoint", checkpoint_every=None, schedule=VP, **solver_options):
     """Purified copy of the images `x` (float, NCHW, values in [0, 1]): same shape, dtype and device.
 
     t_star: diffusion time in (0, 1] (0.1 is DiffPure's CIFAR-10 setting).
@@ -26,14 +32,37 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
     generator: torch.Generator the noise seed is drawn from (torch's global RNG when None).
     clip: clamp the result to [0, 1]; the gradient of the clamp is exact (zero where it saturates).
     progress: show a progress bar over the reverse steps.
+    grad: how gradients flow back to x (only matters when x requires grad):
+        "adjoint"  the exact gradient of the computed purification at O(sqrt(steps)) memory, by the
+                   checkpointed adjoint (rdp_core.sampling.adjoint); checkpoint_every sets its spacing k.
+        "autograd" the same exact gradient by plain autograd through the unrolled loop (memory grows with
+                   steps; for checking and for gradients to the score model's weights).
+        "bpda"     the identity (Athalye et al.'s BPDA): purified values forward, d out / d x = I backward.
+        "none"     no graph at all: the result does not require grad.
     """
     check_images(x)
+    if grad not in GRAD_MODES:
+        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
     reverse = make_solver(solver, t_star, steps, schedule, **solver_options)
     if model is None:
         model = default_eps_model_for(x, t_star)
     check_model_device(model, x)
+    if grad in ("bpda", "none") or not torch.is_grad_enabled():
+        with torch.no_grad():
+            out = _purified(x.detach(), model, reverse, schedule, generator, clip, progress, "autograd", None)
+        return x + (out - x).detach() if grad == "bpda" and x.requires_grad else out
+    return _purified(x, model, reverse, schedule, generator, clip, progress, grad, checkpoint_every)
+
+
+def _purified(x, model, reverse, schedule, generator, clip, progress, grad, checkpoint_every):
     x_t, noise = _diffused_state(x, reverse, schedule, generator)
-    out = (reverse.sample(model, x_t, noise, progress=progress) + 1.0) * 0.5
+    if grad == "adjoint" and x_t.requires_grad:
+        warn_if_trainable(model)
+        x_0 = checkpointed_solve(lambda state, i: reverse.step(model, state, i, noise), x_t, reverse.num_steps,
+                                 every=checkpoint_every, progress=progress)
+    else:
+        x_0 = reverse.sample(model, x_t, noise, progress=progress)
+    out = (x_0 + 1.0) * 0.5
     if clip:
         out = out.clamp(0.0, 1.0)
     return out.to(x.dtype)
@@ -66,12 +95,16 @@ class Purifier(nn.Module):
     """
 
     def __init__(self, classifier, model=None, t_star=0.1, *, solver="sde", steps=None, generator=None, clip=True,
-                 schedule=VP, **solver_options):
+                 grad="adjoint", checkpoint_every=None, schedule=VP, **solver_options):
         super().__init__()
         if model is None:
             model = load_default_eps_model()
         # Reject a bad configuration now, not at the first call.
         make_solver(solver, t_star, steps, schedule, **solver_options)
+        if grad not in GRAD_MODES:
+            raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
+        self.grad = grad
+        self.checkpoint_every = checkpoint_every
         self.classifier = classifier
         self.model = model
         self.t_star = t_star
@@ -82,12 +115,39 @@ class Purifier(nn.Module):
         self.schedule = schedule
         self.solver_options = solver_options
 
-    def purify(self, x):
+    def purify(self, x, generator=None):
         return purify(x, self.t_star, model=self.model, solver=self.solver, steps=self.steps,
-                      generator=self.generator, clip=self.clip, schedule=self.schedule, **self.solver_options)
+                      generator=generator or self.generator, clip=self.clip, grad=self.grad,
+                      checkpoint_every=self.checkpoint_every, schedule=self.schedule, **self.solver_options)
 
-    def forward(self, x):
-        return self.classifier(self.purify(x))
+    def forward(self, x, generator=None):
+        """Logits of the purified images; `generator` (optional) replaces the module's for this call."""
+        return self.classifier(self.purify(x, generator))
+
+
+def eot_gradient(purifier, x, y, draws=8, loss=None, seed=None):
+    """The gradient of a loss averaged over `draws` independent purifications of each image (EOT), in one call.
+
+    The batch is repeated `draws` times and purified once: every copy gets its own noise. Returns
+    (gradient, mean loss), both per image: gradient has x's shape and is the mean of the copies' gradients;
+    loss (default: cross-entropy of the logits against y) must map (logits, labels) to per-sample losses.
+    seed: fixed noise for replay (the same seed gives the same gradient); None draws from the purifier's
+    generator. Memory and time scale with draws * len(x): split large batches.
+    """
+    check_images(x)
+    if not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be a positive integer, got {draws!r}")
+    loss = loss or (lambda logits, labels: F.cross_entropy(logits, labels, reduction="none"))
+    generator = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
+    copies = x.detach().repeat(draws, 1, 1, 1).requires_grad_(True)
+    with torch.enable_grad():
+        losses = loss(purifier(copies, generator=generator), y.repeat(draws))
+        if losses.shape != (copies.shape[0],):
+            raise ValueError(f"loss must return one value per sample, shape ({copies.shape[0]},), got "
+                             f"{tuple(losses.shape)}")
+        (grad,) = torch.autograd.grad(losses.sum(), copies)
+    per_draw = (draws, *x.shape)
+    return grad.reshape(per_draw).mean(0), losses.detach().reshape(draws, x.shape[0]).mean(0)
 
 
 def check_images(x):

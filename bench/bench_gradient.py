@@ -1,0 +1,167 @@
+"""One full gradient of a classifier loss through purification at t* = 0.1 (100 Euler-Maruyama steps).
+
+    pytest bench/bench_gradient.py --benchmark-only --benchmark-group-by=group
+
+Providers, side by side on one model, batch and loss:
+
+- torchsde-adjoint: torchsde.sdeint_adjoint on the reverse VP-SDE the way DiffPure calls it (flattened state,
+  time flipped to s = 1 - t from 1 - t* to 1 - 1e-5, method "euler", dt = 1e-3, a BrownianInterval, score
+  model weights left trainable so the adjoint also integrates their gradients, as in DiffPure).
+- autograd: plain autograd through the unrolled loop (`purify(grad="autograd")`).
+- checkpoint-per-step: torch.utils.checkpoint around every step (no activations kept, every step recomputed).
+- rdp-adjoint: `purify(grad="adjoint")`, the checkpointed adjoint.
+- no-grad-purify: the purification alone under no_grad, the memory reference for the others.
+
+Models: on the CPU the default model's size (DDPM++ nf 32, 1.26M parameters) at batch 4; on a GPU the DDPM++
+CIFAR-10 config (61.8M parameters) at batch 64. Random weights: the cost does not depend on their values.
+The classifier is a ResNet-20. extra_info holds the peak memory (MiB) of one extra, untimed run: CUDA's
+allocator peak on a GPU, the peak of live CPU tensor bytes from torch.profiler's memory events on the CPU.
+"""
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import profile
+from torch.utils.checkpoint import checkpoint
+
+import rdp_core
+from rdp_core.models.classifiers import CifarResNet
+from rdp_core.models.ncsnpp import CIFAR10_DDPMPP, NCSNpp, ScoreSDEEpsModel
+from rdp_core.sampling import VP, StepNoise, make_solver
+from rdp_core.train import CPU_MODEL
+
+T_STAR = 0.1
+PROVIDERS = ["torchsde-adjoint", "autograd", "checkpoint-per-step", "rdp-adjoint", "no-grad-purify"]
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(device):
+    torch.manual_seed(0)
+    config, batch = (CPU_MODEL, 4) if device == "cpu" else (CIFAR10_DDPMPP, 64)
+    net = NCSNpp(config)
+    with torch.no_grad():
+        for p in net.parameters():  # score_sde zero-initialises each block's last conv: make every layer count
+            p.add_(torch.randn_like(p) * 0.02)
+    model = ScoreSDEEpsModel(net).eval().requires_grad_(False).to(device)
+    classifier = CifarResNet(20).eval().requires_grad_(False).to(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    return model, classifier, x, y
+
+
+def _loss(classifier, purified, y):
+    return F.cross_entropy(classifier(purified), y)
+
+
+def _rdp(grad):
+    def run(model, classifier, x, y):
+        x = x.clone().requires_grad_(True)
+        out = rdp_core.purify(x, T_STAR, model=model, grad=grad, generator=torch.Generator().manual_seed(1))
+        return torch.autograd.grad(_loss(classifier, out, y), x)[0]
+
+    return run
+
+
+def _checkpoint_per_step(model, classifier, x, y):
+    x = x.clone().requires_grad_(True)
+    solver = make_solver("sde", T_STAR)
+    noise = StepNoise(x.shape, seed=1, device=x.device)
+    state = VP.diffuse(x * 2 - 1, noise(-1), solver.start_alpha_bar)
+    for i in range(solver.num_steps):
+        state = checkpoint(lambda s, i=i: solver.step(model, s, i, noise), state, use_reentrant=False)
+    out = ((state + 1) * 0.5).clamp(0, 1)
+    return torch.autograd.grad(_loss(classifier, out, y), x)[0]
+
+
+def _no_grad_purify(model, classifier, x, y):
+    with torch.no_grad():
+        return rdp_core.purify(x, T_STAR, model=model, grad="none", generator=torch.Generator().manual_seed(1))
+
+
+class _DiffPureReverseSDE(torch.nn.Module):
+    """DiffPure's RevVPSDE for torchsde: the reverse VP-SDE in flipped time s = 1 - t, flattened state."""
+
+    noise_type, sde_type = "diagonal", "ito"
+
+    def __init__(self, model, shape):
+        super().__init__()
+        self.model, self.shape = model, shape
+
+    def f(self, s, y):
+        t = 1.0 - s
+        beta = VP.beta_min + t * (VP.beta_max - VP.beta_min)
+        sigma = torch.sqrt(-torch.expm1(-0.5 * t ** 2 * (VP.beta_max - VP.beta_min) - t * VP.beta_min))
+        eps = self.model(y.view(self.shape), t.expand(self.shape[0])).flatten(1)
+        score = -eps / sigma
+        return 0.5 * beta * y + beta * score  # minus the reverse-time drift, for the flipped time
+
+    def g(self, s, y):
+        t = 1.0 - s
+        return torch.sqrt(VP.beta_min + t * (VP.beta_max - VP.beta_min)).expand_as(y)
+
+
+def _torchsde_adjoint(model, classifier, x, y):
+    torchsde = pytest.importorskip("torchsde")
+    model.requires_grad_(True)  # as in DiffPure: the adjoint also integrates the weights' gradients
+    try:
+        x = x.clone().requires_grad_(True)
+        t0, t1 = 1.0 - T_STAR, 1.0 - 1e-5
+        alpha_bar = VP.alpha_bar(T_STAR)
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
+        x_t = (x * 2 - 1) * math.sqrt(alpha_bar) + z * math.sqrt(1 - alpha_bar)
+        sde = _DiffPureReverseSDE(model, tuple(x.shape))
+        flat = x_t.flatten(1)
+        bm = torchsde.BrownianInterval(t0=t0, t1=t1, size=flat.shape, device=x.device)
+        ys = torchsde.sdeint_adjoint(sde, flat, torch.tensor([t0, t1], device=x.device), method="euler", dt=1e-3,
+                                     bm=bm)
+        out = ((ys[-1].view(x.shape) + 1) * 0.5).clamp(0, 1)
+        return torch.autograd.grad(_loss(classifier, out, y), x)[0]
+    finally:
+        model.requires_grad_(False)
+
+
+RUNS = {
+    "torchsde-adjoint": _torchsde_adjoint,
+    "autograd": _rdp("autograd"),
+    "checkpoint-per-step": _checkpoint_per_step,
+    "rdp-adjoint": _rdp("adjoint"),
+    "no-grad-purify": _no_grad_purify,
+}
+
+
+def peak_memory_bytes(fn, device):
+    """Peak bytes of tensors alive during fn(), above those alive before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with profile(profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def _devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("device", _devices())
+def test_input_gradient_through_purification(timed, benchmark, device, provider):
+    if provider == "torchsde-adjoint":
+        pytest.importorskip("torchsde", reason="pip install torchsde to compare with DiffPure's adjoint")
+    model, classifier, x, y = _setup(device)
+    device = torch.device(device)
+    benchmark.group = f"gradient-t0.1-sde100-{device.type}-batch{x.shape[0]}"
+    run = functools.partial(RUNS[provider], model, classifier, x, y)
+    benchmark.extra_info["peak MiB"] = peak_memory_bytes(run, device) / 2**20
+    timed(run, device, provider=provider, batch=x.shape[0])

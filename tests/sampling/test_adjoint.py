@@ -1,0 +1,251 @@
+"""The checkpointed adjoint gives the exact gradient of what was computed, at O(sqrt(steps)) memory."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import rdp_core
+from rdp_core.sampling import SOLVERS, StepNoise, make_solver
+from rdp_core.sampling.adjoint import checkpointed_solve, default_checkpoint_every
+
+
+class TinyEps(nn.Module):
+    """A small nonlinear, time-conditioned epsilon model (float64): every step has a non-trivial Jacobian."""
+
+    def __init__(self, channels=2, hidden=6, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv_in = nn.Conv2d(channels, hidden, 3, padding=1).double()
+        self.time = nn.Linear(1, hidden).double()
+        self.conv_out = nn.Conv2d(hidden, channels, 3, padding=1).double()
+        with torch.no_grad():
+            self.conv_in.weight.mul_(4.0)  # tanh well inside its curved range: Jacobians vary with the state
+        self.requires_grad_(False)
+
+    def forward(self, x, t):
+        h = torch.tanh(self.conv_in(x) + self.time(t[:, None].to(x.dtype))[:, :, None, None])
+        return self.conv_out(h) + 0.3 * x
+
+
+def images(n=3, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 2, 4, 4, generator=gen, dtype=torch.float64) * 0.8 + 0.1)
+
+
+def input_gradient(x, weights, **purify_args):
+    x = x.clone().requires_grad_(True)
+    out = rdp_core.purify(x, generator=torch.Generator().manual_seed(3), **purify_args)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    return out.detach(), grad
+
+
+def assert_relative_close(actual, expected, tol):
+    error = (actual - expected).norm() / expected.norm()
+    assert error < tol, f"relative error {error:.3g} >= {tol}"
+
+
+SOLVER_RUNS = [("sde", 0.05, 9), ("ode", 0.05, 9), ("ode-heun", 0.05, 9), ("ddpm", 0.03, 11), ("ddim", 0.03, 11)]
+
+
+def test_every_solver_is_covered():
+    assert {name for name, _, _ in SOLVER_RUNS} | {"ode-euler"} == set(SOLVERS)
+
+
+@pytest.mark.parametrize("solver, t_star, steps", SOLVER_RUNS)
+@pytest.mark.parametrize("every", [None, 1, 4, 100])
+def test_adjoint_equals_unrolled_autograd_in_float64(solver, t_star, steps, every):
+    x, model = images(), TinyEps()
+    weights = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    args = dict(t_star=t_star, model=model, solver=solver, steps=steps, clip=False)
+    out_autograd, grad_autograd = input_gradient(x, weights, grad="autograd", **args)
+    out_adjoint, grad_adjoint = input_gradient(x, weights, grad="adjoint", checkpoint_every=every, **args)
+    assert torch.equal(out_adjoint, out_autograd)  # the same computation, run without a graph
+    assert grad_adjoint.abs().sum() > 0
+    assert_relative_close(grad_adjoint, grad_autograd, 1e-10)
+
+
+def test_adjoint_with_clipping_matches_autograd():
+    # clip=True adds the clamp after the solve and the discrete solvers clip x0 inside every step.
+    x, model = images(), TinyEps()
+    weights = torch.ones_like(x)
+    for solver, t_star, steps in (("sde", 0.3, 12), ("ddpm", 0.3, 12)):
+        args = dict(t_star=t_star, model=model, solver=solver, steps=steps)
+        _, expected = input_gradient(x, weights, grad="autograd", **args)
+        _, actual = input_gradient(x, weights, grad="adjoint", **args)
+        assert_relative_close(actual, expected, 1e-10)
+
+
+def test_adjoint_matches_central_finite_differences_with_fixed_noise():
+    x, model = images(n=2), TinyEps()
+    weights = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    args = dict(t_star=0.1, model=model, solver="sde", steps=20, clip=False)
+
+    def loss(inp):
+        out = rdp_core.purify(inp, generator=torch.Generator().manual_seed(3), grad="none", **args)
+        return (out * weights).sum().item()
+
+    _, grad = input_gradient(x, weights, grad="adjoint", **args)
+    direction = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    h = 1e-6
+    finite_difference = (loss(x + h * direction) - loss(x - h * direction)) / (2 * h)
+    assert finite_difference == pytest.approx((grad * direction).sum().item(), rel=1e-7)
+
+
+def _guided_step(solver, model, noise, scale=0.5):
+    """A solver step plus a guidance term that reads the context (the input image) through a gradient, as
+    guided purification does: the adjoint must carry the second-order term d/d context of that gradient."""
+    feature = nn.Conv2d(2, 3, 3, padding=1).double().requires_grad_(False)
+
+    def step(x, i, reference):
+        with torch.enable_grad():
+            probe = x if x.requires_grad else x.detach().requires_grad_(True)
+            distance = (torch.tanh(feature(probe)) - torch.tanh(feature(reference))).square().sum()
+            (guidance,) = torch.autograd.grad(distance, probe, create_graph=torch.is_grad_enabled()
+                                              and (x.requires_grad or reference.requires_grad))
+        return solver.step(model, x, i, noise) - scale * guidance
+
+    return step
+
+
+def test_adjoint_carries_the_gradient_through_a_context_tensor_every_step_reads():
+    solver, model = make_solver("sde", 0.05, 8), TinyEps()
+    x_t = images() * 2 - 1
+    noise = StepNoise(x_t.shape, seed=9, dtype=torch.float64)
+    step = _guided_step(solver, model, noise)
+    weights = torch.randn(x_t.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+
+    def gradients(run):
+        state = x_t.clone().requires_grad_(True)
+        reference = (images(seed=7) * 2 - 1).requires_grad_(True)
+        return torch.autograd.grad((run(state, reference) * weights).sum(), (state, reference))
+
+    def unrolled(state, reference):
+        for i in range(solver.num_steps):
+            state = step(state, i, reference)
+        return state
+
+    expected = gradients(unrolled)
+    actual = gradients(lambda state, reference: checkpointed_solve(step, state, solver.num_steps, (reference,),
+                                                                   every=3))
+    assert expected[1].abs().sum() > 0  # the guidance really depends on the reference
+    for a, e in zip(actual, expected):
+        assert_relative_close(a, e, 1e-10)
+
+
+def _saved_bytes(fn):
+    """Bytes of the tensors autograd keeps for the backward while `fn` runs its forward (measured by hooks)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_adjoint_memory_grows_with_sqrt_steps_while_autograd_grows_linearly():
+    model, x = TinyEps(hidden=16), images(n=4)
+    state_bytes = x.numel() * x.element_size()
+    measured = {}
+    for grad in ("autograd", "adjoint"):
+        for steps in (16, 64):
+            x_in = x.clone().requires_grad_(True)
+            measured[grad, steps] = _saved_bytes(lambda: rdp_core.purify(x_in, 0.1, model=model, steps=steps,
+                                                                         clip=False, grad=grad))
+    assert measured["autograd", 64] > 3.5 * measured["autograd", 16]
+    # The adjoint keeps ceil(sqrt(steps)) checkpoint states, plus what the diffusion to x_t keeps.
+    for steps in (16, 64):
+        checkpoints = math.ceil(steps / default_checkpoint_every(steps)) * state_bytes
+        assert checkpoints <= measured["adjoint", steps] <= checkpoints + 4 * state_bytes
+    assert measured["adjoint", 64] < measured["autograd", 64] / 20
+
+
+def test_backward_holds_one_segment_of_states_at_a_time(monkeypatch):
+    from rdp_core.sampling import adjoint
+
+    lengths = []
+    replay = adjoint._replay
+    monkeypatch.setattr(adjoint, "_replay", lambda *a: lengths.append(len(out := replay(*a))) or out)
+    x = images().requires_grad_(True)
+    rdp_core.purify(x, 0.1, model=TinyEps(), steps=50, grad="adjoint").sum().backward()
+    every = default_checkpoint_every(50)
+    assert max(lengths) == every and sum(lengths) == 50 and len(lengths) == math.ceil(50 / every)
+
+
+def test_grad_modes():
+    model, x = TinyEps(), images().requires_grad_(True)
+    args = dict(t_star=0.05, model=model, steps=5, generator=torch.Generator().manual_seed(0))
+    bpda = rdp_core.purify(x, grad="bpda", **dict(args, generator=torch.Generator().manual_seed(0)))
+    exact = rdp_core.purify(x, grad="autograd", **args)
+    assert torch.equal(bpda, exact.detach())
+    weights = torch.randn_like(x)
+    (grad,) = torch.autograd.grad((bpda * weights).sum(), x)
+    assert torch.equal(grad, weights)  # identity backward
+    assert not rdp_core.purify(x, grad="none", **args).requires_grad
+    with pytest.raises(ValueError, match="grad must be one of"):
+        rdp_core.purify(x, grad="exact", **args)
+    with pytest.raises(ValueError, match="checkpoint spacing"):
+        rdp_core.purify(x, grad="adjoint", checkpoint_every=0, **args)
+
+
+def test_second_derivatives_through_the_adjoint_are_an_error_not_a_silent_zero():
+    x = images().requires_grad_(True)
+    out = rdp_core.purify(x, 0.05, model=TinyEps(), steps=4, grad="adjoint")
+    (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        grad.sum().backward()
+
+
+def test_a_model_with_trainable_weights_is_warned_about():
+    model = TinyEps().requires_grad_(True)
+    with pytest.warns(UserWarning, match="weights get no gradient"):
+        rdp_core.purify(images().requires_grad_(True), 0.05, model=model, steps=3, grad="adjoint")
+
+
+class _Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(8)
+        self.fc = nn.Linear(32, 4).double()
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_eot_gradient_is_the_mean_of_independent_draws_and_replays_from_a_seed():
+    purifier = rdp_core.Purifier(_Classifier(), TinyEps(), t_star=0.05, steps=5)
+    x, y = images(), torch.tensor([0, 1, 3])
+    grad, loss = rdp_core.eot_gradient(purifier, x, y, draws=4, seed=1)
+    again, _ = rdp_core.eot_gradient(purifier, x, y, draws=4, seed=1)
+    assert torch.equal(grad, again) and grad.shape == x.shape and loss.shape == (3,)
+    # By hand: the same repeated batch and seed, per-copy cross-entropy, gradients averaged over the draws.
+    copies = x.repeat(4, 1, 1, 1).requires_grad_(True)
+    logits = purifier(copies, generator=torch.Generator().manual_seed(1))
+    losses = nn.functional.cross_entropy(logits, y.repeat(4), reduction="none")
+    (per_copy,) = torch.autograd.grad(losses.sum(), copies)
+    assert_relative_close(grad, per_copy.reshape(4, *x.shape).mean(0), 1e-12)
+    draws = per_copy.reshape(4, *x.shape)
+    assert not torch.equal(draws[0], draws[1])  # every copy had its own noise
+    other, _ = rdp_core.eot_gradient(purifier, x, y, draws=4, seed=2)
+    assert not torch.equal(grad, other)
+
+
+def test_a_plain_pgd_loop_gets_the_exact_gradient_through_the_purifier_module():
+    # What an attack library does: logits = module(x); loss.backward(); read x.grad.
+    classifier, model, y = _Classifier(), TinyEps(), torch.tensor([0, 1, 3])
+    x_adv = images()
+    for _ in range(2):
+        x_adv.requires_grad_(True)
+        grads = {}
+        for grad in ("adjoint", "autograd"):
+            purifier = rdp_core.Purifier(classifier, model, t_star=0.05, steps=6, grad=grad,
+                                         generator=torch.Generator().manual_seed(4))
+            x_adv.grad = None
+            nn.functional.cross_entropy(purifier(x_adv), y).backward()
+            grads[grad] = x_adv.grad.clone()
+        assert_relative_close(grads["adjoint"], grads["autograd"], 1e-10)
+        x_adv = (x_adv.detach() + 0.01 * grads["adjoint"].sign()).clamp(0, 1)
