@@ -182,11 +182,11 @@ def test_diffuse_returns_the_state_purify_starts_from(tiny_model):
                                                generator=seeded(4)), (one_step + 1) / 2)
 
 
-def test_import_loads_no_triton_and_touches_no_device():
+def test_import_loads_no_triton_and_touches_no_device(tmp_path):
     code = (
         "import sys, torch, rdp_core, rdp_core.ops, rdp_core.sampling, rdp_core.data, rdp_core.models\n"
         "assert 'triton' not in sys.modules, 'triton imported'\n"
         "assert 'rdp_core._C' not in sys.modules, 'extension loaded eagerly'\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialised'\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)  # import the installed package

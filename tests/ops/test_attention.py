@@ -130,7 +130,7 @@ def test_cpp_kernel_gradient_agrees_with_finite_differences():
 
 
 @needs_cpp
-def test_cpp_backward_splits_a_head_across_threads():
+def test_cpp_backward_splits_a_head_across_threads(tmp_path):
     # With fewer heads than threads the backward splits each head's keys into ranges with partial dQs that it
     # sums; OMP_NUM_THREADS (read at start-up) forces that on any machine.
     code = (
@@ -145,7 +145,8 @@ def test_cpp_backward_splits_a_head_across_threads():
         "    torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-4)\n"
     )
     env = dict(os.environ, OMP_NUM_THREADS="4")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)  # not the checkout: `python -c` would import its unbuilt tree
     assert result.returncode == 0, result.stderr
 
 

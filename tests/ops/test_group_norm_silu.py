@@ -1,6 +1,6 @@
 """GroupNorm (+ scale-shift) (+ SiLU): the CPU backends against stock torch ops and the float64 reference.
 
-The Triton kernels have their own file, tests/kernels/test_group_norm_silu.py."""
+The Triton kernels have their own file, tests/kernels/test_group_norm_silu_triton.py."""
 import importlib
 import os
 import subprocess
@@ -285,7 +285,7 @@ def test_extension_is_built():
     assert CPP_BUILT, "rdp_core._C was not built on a machine where it must be"
 
 
-def test_without_the_extension_ops_fall_back_to_torch_and_warn_once():
+def test_without_the_extension_ops_fall_back_to_torch_and_warn_once(tmp_path):
     # A fresh interpreter in which `import rdp_core._C` fails, as after a failed compile.
     code = (
         "import sys, warnings, torch\n"
@@ -306,7 +306,7 @@ def test_without_the_extension_ops_fall_back_to_torch_and_warn_once():
         "else:\n"
         "    raise AssertionError('an explicit cpp request must fail without the extension')\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)  # import the installed package
 
 
 # --- The general op: plain group norm and ADM's scale-shift variant, and the C++ backward -----------------------

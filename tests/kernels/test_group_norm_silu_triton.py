@@ -241,7 +241,7 @@ for cpg, spatial in [(16, 4096), (1, 49)]:
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_sm90_in_fp16():
+def test_kernels_compile_for_sm90_in_fp16(tmp_path):
     import os
     import subprocess
     import sys
@@ -252,5 +252,6 @@ def test_kernels_compile_for_sm90_in_fp16():
         pytest.skip("this triton has no CUDA backend to compile with")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True,
+                            cwd=tmp_path)  # not the checkout: `python -c` would import its uninstalled tree
     assert result.returncode == 0, result.stderr[-3000:]
