@@ -41,27 +41,57 @@ def _numpy(t):
     return t.detach().numpy()  # a zero-copy view with t's strides
 
 
+def _cpp_forward(q, k, v):
+    batch, heads, tokens, _ = q.shape
+    out = torch.empty(q.shape, dtype=torch.float32)
+    lse = torch.empty(batch * heads * tokens, dtype=torch.float32)
+    _backend.cpp_extension().attention_fwd(_numpy(q), _numpy(k), _numpy(v), out.numpy(), lse.numpy())
+    return out, lse
+
+
+def _cpp_backward(q, k, v, out, lse, grad_out):
+    grads = [torch.empty(q.shape, dtype=torch.float32) for _ in range(3)]
+    _backend.cpp_extension().attention_bwd(_numpy(q), _numpy(k), _numpy(v), _numpy(out), _numpy(grad_out),
+                                           lse.numpy(), *(g.numpy() for g in grads))
+    return grads
+
+
+def _triton_forward(q, k, v):
+    from rdp_core.kernels import attention as K  # imports triton: only when this backend runs
+
+    return K.attention_fwd(q, k, v)
+
+
+def _triton_backward(q, k, v, out, lse, grad_out):
+    from rdp_core.kernels import attention as K
+
+    return K.attention_bwd(q, k, v, out, lse, grad_out)
+
+
+def _forward(ctx, kernel, q, k, v):
+    out, lse = kernel(q, k, v)
+    ctx.save_for_backward(q, k, v, out, lse)
+    return out
+
+
+def _backward(ctx, kernel, grad_out):
+    """The kernel's VJP; under create_graph the differentiable VJP of the reference (exact second derivatives)."""
+    q, k, v, out, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return _reference_vjp(q, k, v, grad_out, ctx.needs_input_grad)
+    return _keep_needed(kernel(q, k, v, out, lse, grad_out), ctx.needs_input_grad)
+
+
 class _AttentionCpp(torch.autograd.Function):
     """Forward and backward on rdp_core._C (CPU float32); inputs and grad_out are read through their strides."""
 
     @staticmethod
     def forward(ctx, q, k, v):
-        batch, heads, tokens, _ = q.shape
-        out = torch.empty(q.shape, dtype=torch.float32)
-        lse = torch.empty(batch * heads * tokens, dtype=torch.float32)
-        _backend.cpp_extension().attention_fwd(_numpy(q), _numpy(k), _numpy(v), out.numpy(), lse.numpy())
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
+        return _forward(ctx, _cpp_forward, q, k, v)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            return _reference_vjp(q, k, v, grad_out, ctx.needs_input_grad)
-        grads = [torch.empty(q.shape, dtype=torch.float32) for _ in range(3)]
-        _backend.cpp_extension().attention_bwd(_numpy(q), _numpy(k), _numpy(v), _numpy(out), _numpy(grad_out),
-                                               lse.numpy(), *(g.numpy() for g in grads))
-        return _keep_needed(grads, ctx.needs_input_grad)
+        return _backward(ctx, _cpp_backward, grad_out)
 
 
 class _AttentionTriton(torch.autograd.Function):
@@ -69,20 +99,11 @@ class _AttentionTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v):
-        from rdp_core.kernels import attention as K  # imports triton: only when this backend runs
-
-        out, lse = K.attention_fwd(q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
+        return _forward(ctx, _triton_forward, q, k, v)
 
     @staticmethod
     def backward(ctx, grad_out):
-        from rdp_core.kernels import attention as K
-
-        q, k, v, out, lse = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            return _reference_vjp(q, k, v, grad_out, ctx.needs_input_grad)
-        return _keep_needed(K.attention_bwd(q, k, v, out, lse, grad_out), ctx.needs_input_grad)
+        return _backward(ctx, _triton_backward, grad_out)
 
 
 _COMPILED = {"cpp": _AttentionCpp, "triton": _AttentionTriton}
