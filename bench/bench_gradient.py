@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 import rdp_core
 from rdp_core.models.classifiers import CifarResNet
 from rdp_core.models.ncsnpp import CIFAR10_DDPMPP, NCSNpp, ScoreSDEEpsModel
-from rdp_core.sampling import VP, StepNoise, make_solver
+from rdp_core.sampling import DIFFUSION_DRAW, VP, StepNoise, make_solver
 from rdp_core.train import CPU_MODEL
 
 T_STAR = 0.1
@@ -69,7 +69,7 @@ def _checkpoint_per_step(model, classifier, x, y):
     x = x.clone().requires_grad_(True)
     solver = make_solver("sde", T_STAR)
     noise = StepNoise(x.shape, seed=1, device=x.device)
-    state = VP.diffuse(x * 2 - 1, noise(-1), solver.start_alpha_bar)
+    state = VP.diffuse(x * 2 - 1, noise(DIFFUSION_DRAW), solver.start_alpha_bar)
     for i in range(solver.num_steps):
         state = checkpoint(lambda s, i=i: solver.step(model, s, i, noise), state, use_reentrant=False)
     out = ((state + 1) * 0.5).clamp(0, 1)
@@ -92,15 +92,13 @@ class _DiffPureReverseSDE(torch.nn.Module):
 
     def f(self, s, y):
         t = 1.0 - s
-        beta = VP.beta_min + t * (VP.beta_max - VP.beta_min)
-        sigma = torch.sqrt(-torch.expm1(-0.5 * t ** 2 * (VP.beta_max - VP.beta_min) - t * VP.beta_min))
+        beta = VP.beta(t)
         eps = self.model(y.view(self.shape), t.expand(self.shape[0])).flatten(1)
-        score = -eps / sigma
+        score = -eps / VP.sigma(t)
         return 0.5 * beta * y + beta * score  # minus the reverse-time drift, for the flipped time
 
     def g(self, s, y):
-        t = 1.0 - s
-        return torch.sqrt(VP.beta_min + t * (VP.beta_max - VP.beta_min)).expand_as(y)
+        return torch.sqrt(VP.beta(1.0 - s)).expand_as(y)
 
 
 def _torchsde_adjoint(model, classifier, x, y):

@@ -41,8 +41,7 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
         "none"     no graph at all: the result does not require grad.
     """
     check_images(x)
-    if grad not in GRAD_MODES:
-        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
+    check_grad_mode(grad)
     reverse = make_solver(solver, t_star, steps, schedule, **solver_options)
     if model is None:
         model = default_eps_model_for(x, t_star)
@@ -101,8 +100,7 @@ class Purifier(nn.Module):
             model = load_default_eps_model()
         # Reject a bad configuration now, not at the first call.
         make_solver(solver, t_star, steps, schedule, **solver_options)
-        if grad not in GRAD_MODES:
-            raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
+        check_grad_mode(grad)
         self.grad = grad
         self.checkpoint_every = checkpoint_every
         self.classifier = classifier
@@ -167,6 +165,11 @@ def check_images(x):
             f"expected images with values in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
             "(map [-1, 1] data with (x + 1) / 2, or uint8 pixels with x.float() / 255)"
         )
+
+
+def check_grad_mode(grad):
+    if grad not in GRAD_MODES:
+        raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
 
 
 def check_model_device(model, x):
