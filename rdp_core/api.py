@@ -7,16 +7,13 @@ randomness comes from one seed drawn from the caller's generator, so the same se
 `eot_gradient` averages the gradient of a loss over several independent purifications (EOT).
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from rdp_core.attacks.eot import eot_loss_gradient
+from rdp_core.checks import check_images
 from rdp_core.models.default import default_eps_model_for, load_default_eps_model
 from rdp_core.sampling import DIFFUSION_DRAW, VP, StepNoise, make_solver
 from rdp_core.sampling.adjoint import checkpointed_solve, warn_if_trainable
-
-# How far outside [0, 1] an input may stray (rounding of attack iterates) before it is an error.
-RANGE_TOLERANCE = 1e-3
-
 
 GRAD_MODES = ("adjoint", "autograd", "bpda", "none")
 
@@ -130,41 +127,12 @@ def eot_gradient(purifier, x, y, draws=8, loss=None, seed=None):
     (gradient, mean loss), both per image: gradient has x's shape and is the mean of the copies' gradients;
     loss (default: cross-entropy of the logits against y) must map (logits, labels) to per-sample losses.
     seed: fixed noise for replay (the same seed gives the same gradient); None draws from the purifier's
-    generator. Memory and time scale with draws * len(x): split large batches.
+    generator. Memory and time scale with draws * len(x): split large batches (or see rdp_core.attacks).
     """
     check_images(x)
-    if not isinstance(draws, int) or draws < 1:
-        raise ValueError(f"draws must be a positive integer, got {draws!r}")
-    loss = loss or (lambda logits, labels: F.cross_entropy(logits, labels, reduction="none"))
     generator = None if seed is None else torch.Generator(device=x.device).manual_seed(seed)
-    copies = x.detach().repeat(draws, 1, 1, 1).requires_grad_(True)
-    with torch.enable_grad():
-        losses = loss(purifier(copies, generator=generator), y.repeat(draws))
-        if losses.shape != (copies.shape[0],):
-            raise ValueError(f"loss must return one value per sample, shape ({copies.shape[0]},), got "
-                             f"{tuple(losses.shape)}")
-        (grad,) = torch.autograd.grad(losses.sum(), copies)
-    per_draw = (draws, *x.shape)
-    return grad.reshape(per_draw).mean(0), losses.detach().reshape(draws, x.shape[0]).mean(0)
-
-
-def check_images(x):
-    """ValueError unless `x` is a finite floating NCHW batch with values in [0, 1] (within RANGE_TOLERANCE)."""
-    if not torch.is_tensor(x):
-        raise ValueError(f"expected a torch.Tensor of images, got {type(x).__name__}")
-    if x.dim() != 4 or x.shape[0] == 0:
-        raise ValueError(f"expected a non-empty image batch of shape (N, C, H, W), got shape {tuple(x.shape)}")
-    if not x.dtype.is_floating_point:
-        hint = " (convert uint8 pixels with x.float() / 255)" if x.dtype == torch.uint8 else ""
-        raise ValueError(f"expected a floating-point tensor with values in [0, 1], got dtype {x.dtype}{hint}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("input contains NaN or Inf; expected finite values in [0, 1]")
-    lo, hi = (float(v) for v in torch.aminmax(x.detach()))
-    if lo < -RANGE_TOLERANCE or hi > 1.0 + RANGE_TOLERANCE:
-        raise ValueError(
-            f"expected images with values in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
-            "(map [-1, 1] data with (x + 1) / 2, or uint8 pixels with x.float() / 255)"
-        )
+    grad, losses, _ = eot_loss_gradient(lambda copies: purifier(copies, generator=generator), x, y, draws, loss)
+    return grad, losses.mean(0)
 
 
 def check_grad_mode(grad):

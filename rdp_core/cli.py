@@ -5,6 +5,11 @@
 purifies CIFAR-10 test images, prints a CIFAR ResNet's accuracy on them before and after, and writes
 grid.png (rows: input, diffused to t*, purified), purify.json (the configuration, timing, accuracies and
 per-image results) and purified.npz (the purified images as uint8).
+
+    rdp-core eval --data ../shared/data --defense diffpure --attack pgd-eot --norm linf --n-images 16
+
+attacks a defense and reports clean and robust accuracy with sanity checks (rdp_core.evaluation); under
+`torchrun --nproc_per_node K -m rdp_core.cli eval ...` the images are sharded over K processes.
 """
 import argparse
 import datetime
@@ -19,7 +24,10 @@ import numpy as np
 import torch
 
 from rdp_core.api import diffuse, purify
+from rdp_core.attacks import NORMS
 from rdp_core.data import default_root, load_cifar10
+from rdp_core.evaluation import ATTACKS, DEFENSES, EvalConfig, evaluate
+from rdp_core.evaluation.distributed import init_from_env, shutdown
 from rdp_core.models import GaussianEpsModel, load_cifar_resnet
 from rdp_core.models.default import load_default_eps_model, load_trained
 from rdp_core.models.ncsnpp import DDPMppConfig
@@ -36,6 +44,7 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     _add_purify_command(commands)
     _add_train_command(commands)
+    _add_eval_command(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 
@@ -82,6 +91,91 @@ def _add_train_command(commands):
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.set_defaults(run=run_train)
+
+
+def _add_eval_command(commands):
+    defaults = EvalConfig()
+    p = commands.add_parser("eval", help="attack a defense on CIFAR-10 test images; clean and robust accuracy with "
+                            "confidence intervals, sanity checks, a markdown table and a PNG of accuracy against eps")
+    p.add_argument("--data", default=None, help="data root holding cifar-10-batches-py/")
+    p.add_argument("--defense", choices=DEFENSES, default=defaults.defense,
+                   help="none: the bare classifier; diffpure: purification then the classifier")
+    p.add_argument("--attack", choices=ATTACKS, default=defaults.attack)
+    p.add_argument("--norm", choices=NORMS, default=defaults.norm)
+    p.add_argument("--eps", default=None,
+                   help="comma-separated radii, fractions allowed: 2/255,4/255,8/255 (default 8/255 or 0.5)")
+    p.add_argument("--n-images", type=int, default=defaults.n_images, help="first N test images")
+    p.add_argument("--iterations", type=int, default=defaults.iterations,
+                   help="PGD iterations (default 200); APGD/FAB iterations for AutoAttack (which uses 100)")
+    p.add_argument("--eot", type=int, default=defaults.eot, help="EOT samples per gradient (default 20)")
+    p.add_argument("--step-size", type=float, default=defaults.step_size, help="PGD step (default 0.007)")
+    p.add_argument("--votes", type=int, default=defaults.votes,
+                   help="independent purifications per verdict: robust only if right on all (default 10)")
+    p.add_argument("--classifier", default=None,
+                   help=f"CIFAR ResNet checkpoint, akamaster format (default DATA/{DEFAULT_CLASSIFIER})")
+    p.add_argument("--model", default="default", help="epsilon model: default, gaussian, or a .safetensors file")
+    p.add_argument("--fit-images", type=int, default=50_000, help="training images the Gaussian is fitted to")
+    p.add_argument("--t-star", type=float, default=defaults.t_star)
+    p.add_argument("--solver", choices=SOLVERS, default=defaults.solver)
+    p.add_argument("--steps", type=int, default=None, help="reverse steps (default: dt = 1e-3)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--eot-chunk", type=int, default=None, help="at most this many EOT copies per forward (memory)")
+    p.add_argument("--square-queries", type=int, default=defaults.square_queries)
+    p.add_argument("--no-sanity", dest="sanity", action="store_false", help="skip the sanity-check attacks")
+    p.add_argument("--sanity-images", type=int, default=defaults.sanity_images,
+                   help="images the sanity-check attacks run on (the first ones)")
+    p.add_argument("--sanity-iterations", type=int, default=defaults.sanity_iterations)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=Path("runs/eval"))
+    p.add_argument("--resume", action="store_true", help="continue the evaluation in --out where it stopped")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args):
+    device = init_from_env() or _resolve_device(args.device)
+    try:
+        config = _eval_config(args, device)
+    except ValueError as error:
+        raise SystemExit(f"rdp-core eval: {error}") from None
+    if args.defense != "none":
+        make_solver(args.solver, args.t_star, args.steps)  # a bad configuration fails before the slow set-up
+    classifier = _load_classifier(args)
+    if classifier is None:
+        raise SystemExit("eval needs a classifier: pass --classifier")
+    eps_model = _load_eps_model(args, device)[0] if args.defense != "none" else None
+    try:
+        summary = evaluate(config, classifier, eps_model, args.out, data_root=args.data, resume=args.resume)
+    finally:
+        shutdown()
+    if summary is not None:
+        print((args.out / "summary.md").read_text())
+        print(f"wrote {args.out / 'summary.json'}, {args.out / 'summary.md'}, {args.out / 'accuracy_vs_eps.png'} "
+              f"and the per-image records in {args.out / 'records'}")
+    return 0
+
+
+def _eval_config(args, device):
+    return EvalConfig(defense=args.defense, attack=args.attack, norm=args.norm, eps=_parse_eps(args.eps),
+                      n_images=args.n_images, iterations=args.iterations, eot=args.eot, step_size=args.step_size,
+                      votes=args.votes, t_star=args.t_star, solver=args.solver, steps=args.steps, seed=args.seed,
+                      batch_size=args.batch_size, eot_chunk=args.eot_chunk, square_queries=args.square_queries,
+                      sanity=args.sanity, sanity_images=args.sanity_images, sanity_iterations=args.sanity_iterations,
+                      classifier=args.classifier or DEFAULT_CLASSIFIER, model=args.model, device=str(device))
+
+
+def _parse_eps(text):
+    """'2/255,0.5' -> (2/255, 0.5); None -> () (the norm's reference eps)."""
+    if text is None:
+        return ()
+    values = []
+    for part in text.split(","):
+        numerator, _, denominator = part.strip().partition("/")
+        try:
+            values.append(float(numerator) / (float(denominator) if denominator else 1.0))
+        except ValueError:
+            raise SystemExit(f"--eps: cannot read {part!r}; expected numbers or fractions like 8/255") from None
+    return tuple(values)
 
 
 def run_train(args):

@@ -100,3 +100,26 @@ def test_purify_command_rejects_bad_arguments(data_root, tmp_path):
     with pytest.raises(ValueError, match="t_star"):
         main(["purify", "--data", str(data_root), "--n-images", "2", "--fit-images", "10000", "--t-star", "1.5",
               "--out", str(tmp_path)])
+
+
+def test_eval_command_reports_accuracy_and_sanity(data_root, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = main(["eval", "--data", str(data_root), "--defense", "none", "--n-images", "6", "--iterations", "5",
+                 "--eps", "2/255,8/255", "--sanity-images", "4", "--sanity-iterations", "5", "--out", str(out)])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["classifier"].endswith("resnet56-4bfd9763.th") and summary["n_images"] == 6
+    assert summary["rows"][-1]["robust"]["accuracy"] == 0.0  # ResNet-56 undefended at 8/255
+    assert all(c["status"] == "pass" for c in summary["sanity"])
+    printed = capsys.readouterr().out
+    assert "| 8/255 |" in printed and "accuracy_vs_eps.png" in printed
+    png = (out / "accuracy_vs_eps.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (600, 432)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--eps", "8/x"], "--eps"), (["--votes", "0"], "votes"), (["--t-star", "2"], "t_star"),
+])
+def test_eval_command_rejects_bad_settings(data_root, tmp_path, argv, message):
+    with pytest.raises((SystemExit, ValueError), match=message):
+        main(["eval", "--data", str(data_root), "--out", str(tmp_path / "x")] + argv)

@@ -1,0 +1,114 @@
+"""AutoAttack (Croce and Hein 2020), `standard` and `rand`, from torchattacks' implementations of its attacks.
+
+The individual attacks (APGD-CE, APGD-T, APGD-DLR, FAB-T, Square) are torchattacks' ports of the authors'
+code; torchattacks is an optional dependency (install it with `pip install --no-deps torchattacks scipy`:
+its metadata asks for torchvision, which would replace a CPU build of torch, while its code needs only
+torch, numpy and scipy). The ensemble itself is assembled here rather than taken from torchattacks'
+`AutoAttack` class, because that class leaves APGD and FAB at torchattacks' default of 10 iterations where
+AutoAttack runs 100, and because it decides which images survive from one forward; for a randomized
+defense, survival must be judged the evaluator's way (right on every one of N purifications), so `judge`
+is a parameter.
+
+Versions, as in the AutoAttack paper's code:
+    standard: APGD-CE, APGD-T (9 target classes), FAB-T (9 target classes), Square (5000 queries); each
+              with one restart, 100 iterations. For deterministic models.
+    rand:     APGD-CE and APGD-DLR with 20 EOT samples, one restart, 100 iterations. For randomized ones.
+Each attack runs only on the images that no earlier attack has broken.
+"""
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from rdp_core.attacks.eot import predict_votes
+from rdp_core.attacks.pgd import DEFAULT_EPS, NORMS
+from rdp_core.checks import check_images, check_labels
+
+AUTOATTACK_VERSIONS = ("standard", "rand")
+_TORCHATTACKS_NORM = {"linf": "Linf", "l2": "L2"}
+
+
+@dataclass
+class AutoAttackResult:
+    x_adv: torch.Tensor  # the first successful adversarial image per input, the input itself where all failed
+    robust: torch.Tensor  # (n,) bool: the judge still found the model right after every attack
+    stages: list = field(default_factory=list)  # (attack name, images still robust after it)
+
+
+def autoattack(model, x, y, *, norm="linf", eps=None, version="rand", n_classes=10, iterations=100, eot=20,
+               square_queries=5000, seed=0, judge=None, progress=False):
+    """AutoAttack `version` against `model` (images in [0, 1] -> logits); returns an AutoAttackResult.
+
+    iterations: APGD and FAB iterations (AutoAttack: 100). eot: EOT samples of the `rand` version (20).
+    judge: (images, labels) -> bool tensor, True where the model is still right; default one forward.
+    """
+    check_images(x)
+    check_labels(y, x)
+    if version not in AUTOATTACK_VERSIONS:
+        raise ValueError(f"version must be one of {AUTOATTACK_VERSIONS}, got {version!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    eps = DEFAULT_EPS[norm] if eps is None else float(eps)
+    attacks = _ensemble(model, version, norm, eps, n_classes, iterations, eot, square_queries, seed)
+    judge = judge or (lambda images, labels: predict_votes(model, images, 1)[0] == labels)
+    x = x.detach()
+    x_adv = x.clone()
+    robust = judge(x, y).clone()
+    stages = [("clean", int(robust.sum()))]
+    for name, attack in _stages(attacks, progress, stages):
+        remaining = robust.nonzero().flatten()
+        if len(remaining) == 0:
+            break
+        with _modes_preserved(model):
+            candidates = attack(x[remaining], y[remaining]).detach()
+        broken = ~judge(candidates, y[remaining])
+        x_adv[remaining[broken]] = candidates[broken]
+        robust[remaining[broken]] = False
+        stages.append((name, int(robust.sum())))
+    return AutoAttackResult(x_adv, robust, stages)
+
+
+def _ensemble(model, version, norm, eps, n_classes, iterations, eot, square_queries, seed):
+    ta = import_torchattacks()
+    common = dict(norm=_TORCHATTACKS_NORM[norm], eps=eps, seed=seed, n_restarts=1)
+    if version == "rand":
+        return [("APGD-CE", ta.APGD(model, steps=iterations, loss="ce", eot_iter=eot, **common)),
+                ("APGD-DLR", ta.APGD(model, steps=iterations, loss="dlr", eot_iter=eot, **common))]
+    return [("APGD-CE", ta.APGD(model, steps=iterations, loss="ce", **common)),
+            ("APGD-T", ta.APGDT(model, steps=iterations, n_classes=n_classes, **common)),
+            ("FAB-T", ta.FAB(model, steps=iterations, multi_targeted=True, n_classes=n_classes, **common)),
+            ("Square", ta.Square(model, n_queries=square_queries, **common))]
+
+
+@contextlib.contextmanager
+def _modes_preserved(model):
+    """torchattacks sets the model to eval for an attack and then to train() if model.training was True,
+    which would switch a wrapped classifier's BatchNorm to batch statistics: restore every module's mode."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def import_torchattacks():
+    try:
+        import torchattacks
+    except ImportError as error:
+        raise ImportError("AutoAttack needs the optional package torchattacks: pip install --no-deps "
+                          "torchattacks==3.5.1 scipy (--no-deps: its metadata would pull torchvision and a "
+                          "CUDA build of torch; its code needs only torch, numpy and scipy)") from error
+    return torchattacks
+
+
+def _stages(attacks, progress, stages):
+    if not progress:
+        yield from attacks
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(attacks, desc="AutoAttack", unit="attack", leave=False) as bar:
+        for name, attack in bar:
+            bar.set_postfix(attack=name, robust=stages[-1][1])
+            yield name, attack

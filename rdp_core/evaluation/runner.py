@@ -1,0 +1,232 @@
+"""The robustness evaluation: attack a defense image by image, judge it over N purifications, check sanity.
+
+    config = EvalConfig(defense="diffpure", attack="pgd-eot", norm="linf", eps=(8 / 255,), n_images=64)
+    summary = evaluate(config, classifier, eps_model, "runs/eval")
+
+For each batch of images the runner writes, as soon as each is known: the clean verdict (kind "clean",
+eps 0), the verdict on the attack's adversarial image at every eps (kind "attack"), and, on the first
+`sanity_images` images, the unbounded l_2 attack on the defense (kind "unbounded-l2") and PGD on the bare
+classifier at the reference eps (kind "undefended"). A verdict runs the defense `votes` times on the image
+(independent purifications) and records every prediction. Under torchrun each process takes every
+world_size-th image, so each image is evaluated exactly once; rank 0 writes the summary.
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from rdp_core.api import Purifier
+from rdp_core.attacks import autoattack, pgd_eot, predict_votes
+from rdp_core.attacks.pgd import DEFAULT_EPS, NORMS
+from rdp_core.evaluation import distributed
+from rdp_core.evaluation.records import RecordStore, eps_key
+from rdp_core.models.default import load_default_eps_model
+from rdp_core.evaluation.summary import markdown, plot_accuracy_vs_eps, summarize
+
+DEFENSES = ("none", "diffpure")  # guided defenses (gdmp, agdm) join with the guidance issue
+ATTACKS = ("pgd-eot", "bpda-eot", "autoattack-rand", "autoattack-standard")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    defense: str = "diffpure"
+    attack: str = "pgd-eot"
+    norm: str = "linf"
+    eps: tuple = ()  # empty: the reference eps of the norm (8/255 or 0.5)
+    n_images: int = 64
+    iterations: int = 200  # PGD iterations; APGD and FAB iterations for AutoAttack (which uses 100)
+    eot: int = 20
+    step_size: float = 0.007
+    votes: int = 10  # purifications per verdict
+    t_star: float = 0.1
+    solver: str = "sde"
+    steps: int = None
+    seed: int = 0
+    batch_size: int = 16
+    eot_chunk: int = None
+    square_queries: int = 5000
+    sanity: bool = True
+    sanity_images: int = 16
+    sanity_iterations: int = 20
+    unbounded_step: float = 2.0  # l_2 length of each unbounded step
+    classifier: str = ""
+    model: str = ""
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.defense not in DEFENSES:
+            raise ValueError(f"defense must be one of {DEFENSES}, got {self.defense!r}")
+        if self.attack not in ATTACKS:
+            raise ValueError(f"attack must be one of {ATTACKS}, got {self.attack!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        self.eps = tuple(float(e) for e in self.eps) or (DEFAULT_EPS[self.norm],)
+        if any(not (0 < e < math.inf) for e in self.eps):
+            raise ValueError(f"every eps must be positive and finite, got {self.eps}")
+        for name in ("n_images", "iterations", "eot", "votes", "batch_size", "sanity_images", "sanity_iterations"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.defense == "none":
+            # A deterministic classifier: more votes or EOT samples repeat the same computation.
+            self.votes, self.eot = 1, 1
+        if self.defense == "none" and self.attack == "bpda-eot":
+            raise ValueError("bpda-eot approximates a purifier's gradient; with --defense none use pgd-eot")
+
+
+def evaluate(config, classifier, eps_model=None, out_dir="runs/eval", *, images=None, labels=None, data_root=None,
+             resume=False, progress=True):
+    """Runs (or resumes) the evaluation, writes the records and, on rank 0, the summary; returns the summary.
+
+    classifier: images in [0, 1] -> logits. eps_model: the purifier's epsilon model (None: the default).
+    images, labels: the images to evaluate (default: the first config.n_images CIFAR-10 test images from
+    data_root); image i of the records is images[i]. Returns None on ranks other than 0.
+    """
+    rank, world_size = distributed.rank_and_world()
+    device = torch.device(config.device)
+    store = RecordStore(out_dir, rank, world_size)
+    if rank == 0:
+        store.prepare(_config_dict(config), resume)
+    distributed.barrier()
+    if images is None:
+        from rdp_core.data import load_cifar10
+
+        images, labels = load_cifar10("test", root=data_root, dtype=torch.float32, limit=config.n_images)
+    if len(images) < config.n_images or labels is None or len(labels) != len(images):
+        raise ValueError(f"need {config.n_images} images with one label each, got {len(images)} images and "
+                         f"{None if labels is None else len(labels)} labels")
+    evaluation = _Evaluation(config, classifier.to(device).eval(), eps_model, device, progress)
+    done = store.done_keys()
+    mine = list(range(rank, config.n_images, world_size))
+    with _progress_bar(len(mine), rank, progress) as bar:
+        for start in range(0, len(mine), config.batch_size):
+            indices = mine[start:start + config.batch_size]
+            for job in evaluation.jobs(indices):
+                todo = [i for i in indices if (job.kind, i, eps_key(job.eps)) not in done and job.applies_to(i)]
+                if todo:
+                    store.append(evaluation.run(job, todo, images[todo].to(device), labels[todo].to(device)))
+            bar.update(len(indices))
+    distributed.barrier()
+    if rank != 0:
+        return None
+    return write_summary(out_dir, _config_dict(config), store.read_all())
+
+
+def write_summary(out_dir, config, records):
+    out_dir = Path(out_dir)
+    summary = summarize(records, config["norm"])
+    (out_dir / "summary.json").write_text(json.dumps({"config": config, **summary}, indent=2))
+    (out_dir / "summary.md").write_text(markdown(summary, config))
+    plot_accuracy_vs_eps(summary, config, out_dir / "accuracy_vs_eps.png")
+    return summary
+
+
+@dataclasses.dataclass
+class _Job:
+    kind: str
+    eps: float
+    sanity_images: int = None
+
+    def applies_to(self, index):
+        return self.sanity_images is None or index < self.sanity_images
+
+
+class _Evaluation:
+    def __init__(self, config, classifier, eps_model, device, progress):
+        self.config = config
+        self.progress = progress
+        self.classifier = classifier
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        if config.defense == "none":
+            self.defense = self.gradient_model = classifier
+        else:
+            eps_model = eps_model if eps_model is not None else load_default_eps_model(device)
+            options = dict(t_star=config.t_star, solver=config.solver, steps=config.steps, generator=self.generator)
+            self.defense = Purifier(classifier, eps_model, grad="none", **options)
+            self.gradient_model = Purifier(classifier, eps_model,
+                                           grad="bpda" if config.attack == "bpda-eot" else "adjoint", **options)
+
+    def jobs(self, indices):
+        c = self.config
+        yield _Job("clean", 0.0)
+        for eps in c.eps:
+            yield _Job("attack", eps)
+        if c.sanity:
+            yield _Job("unbounded-l2", math.inf, c.sanity_images)
+            yield _Job("undefended", DEFAULT_EPS[c.norm], c.sanity_images)
+
+    def run(self, job, indices, x, y):
+        self._reseed(job, indices)
+        start = time.perf_counter()
+        x_adv, trace = self._adversarial(job, x, y)
+        judge = self.classifier if job.kind == "undefended" else self.defense
+        votes = predict_votes(judge, x_adv, 1 if job.kind == "undefended" else self.config.votes,
+                              self.config.eot_chunk)
+        seconds = (time.perf_counter() - start) / len(indices)
+        records = [_record(job, index, label, votes[:, k], x_adv[k] - x[k], trace, k, seconds)
+                   for k, (index, label) in enumerate(zip(indices, y.tolist()))]
+        if job.kind == "undefended":  # the bare classifier's own clean verdict, for the sanity check
+            for record, right in zip(records, (predict_votes(self.classifier, x, 1)[0] == y).tolist()):
+                record["clean_correct"] = right
+        return records
+
+    def _adversarial(self, job, x, y):
+        c = self.config
+        if job.kind == "clean":
+            return x, None
+        if job.kind == "undefended":
+            # Enough step length to reach the ball's edge in the given iterations, whatever the norm.
+            step = max(c.step_size, 2.5 * job.eps / c.sanity_iterations)
+            result = pgd_eot(self.classifier, x, y, norm=c.norm, eps=job.eps, iterations=c.sanity_iterations,
+                             step_size=step, eot=1, generator=self.generator)
+            return result.x_adv, result.correct_fraction
+        if job.kind == "unbounded-l2":
+            result = pgd_eot(self.gradient_model, x, y, norm="l2", eps=math.inf, iterations=c.sanity_iterations,
+                             step_size=c.unbounded_step, eot=c.eot, eot_chunk=c.eot_chunk, generator=self.generator,
+                             progress=self.progress)
+            return result.x_adv, result.correct_fraction
+        if c.attack.startswith("autoattack"):
+            result = autoattack(self.gradient_model, x, y, norm=c.norm, eps=job.eps,
+                                version=c.attack.removeprefix("autoattack-"), iterations=c.iterations, eot=c.eot,
+                                square_queries=c.square_queries, seed=c.seed, judge=self._all_votes_right,
+                                progress=self.progress)
+            return result.x_adv, None
+        result = pgd_eot(self.gradient_model, x, y, norm=c.norm, eps=job.eps, iterations=c.iterations,
+                         step_size=c.step_size, eot=c.eot, eot_chunk=c.eot_chunk, generator=self.generator,
+                         progress=self.progress)
+        return result.x_adv, result.correct_fraction
+
+    def _all_votes_right(self, x, y):
+        return (predict_votes(self.defense, x, self.config.votes, self.config.eot_chunk) == y).all(0)
+
+    def _reseed(self, job, indices):
+        """Noise as a function of (seed, job, first image): a resumed or re-sharded batch replays exactly."""
+        text = f"{self.config.seed}/{job.kind}/{eps_key(job.eps)}/{indices[0]}/{len(indices)}"
+        self.generator.manual_seed(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little"))
+
+
+def _record(job, index, label, votes, delta, trace, k, seconds):
+    predictions = votes.tolist()
+    majority = max(set(predictions), key=lambda c: (predictions.count(c), -c))
+    record = {"kind": job.kind, "index": index, "label": label, "eps": eps_key(job.eps), "votes": predictions,
+              "correct_all": all(p == label for p in predictions), "correct_majority": majority == label,
+              "linf": float(delta.abs().max()), "l2": float(delta.flatten().norm()), "seconds": seconds}
+    if trace is not None:
+        record["correct_fraction"] = [round(float(v), 4) for v in trace[:, k]]
+    return record
+
+
+def _config_dict(config):
+    return dataclasses.asdict(config)
+
+
+def _progress_bar(total, rank, enabled):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"evaluating (rank {rank})" if rank else "evaluating", unit="img",
+                position=rank, disable=not enabled)

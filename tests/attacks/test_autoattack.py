@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from rdp_core.attacks import autoattack, predict_votes
+
+pytest.importorskip("torchattacks", reason="AutoAttack needs the optional torchattacks (pip install --no-deps "
+                    "torchattacks scipy); CI installs it")
+
+
+def test_standard_autoattack_breaks_an_undefended_classifier(resnet20, test_images):
+    x, y = (t[:8] for t in test_images)
+    result = autoattack(resnet20, x, y, version="standard", iterations=5, square_queries=20)
+    assert result.stages[0][0] == "clean" and result.stages[-1][1] == 0 and not result.robust.any()
+    assert (resnet20(result.x_adv).argmax(1) != y).all()
+    assert (result.x_adv - x).abs().max() <= 8 / 255 + 1e-6
+
+
+def test_rand_autoattack_runs_eot_and_the_given_judge(resnet20, test_images, noisy_logits):
+    x, y = (t[:6] for t in test_images)
+    model = noisy_logits(resnet20, 0.1)
+    calls = []
+
+    def judge(images, labels):
+        calls.append(len(images))
+        return (predict_votes(model, images, 3) == labels).all(0)
+
+    result = autoattack(model, x, y, norm="l2", eps=0.5, version="rand", iterations=5, eot=2, judge=judge)
+    assert [name for name, _ in result.stages] == ["clean", "APGD-CE"] or result.stages[-1][0] == "APGD-DLR"
+    assert calls[0] == 6 and (result.x_adv - x).flatten(1).norm(dim=1).max() <= 0.5 + 1e-5
+    assert result.robust.float().mean() < 0.5
+
+
+def test_unknown_version_is_a_clear_error(resnet20, test_images):
+    x, y = (t[:2] for t in test_images)
+    with pytest.raises(ValueError, match="version"):
+        autoattack(resnet20, x, y, version="plus")
+
+
+def test_the_attacked_model_keeps_every_module_mode(resnet20, test_images, noisy_logits):
+    """torchattacks calls model.train() after attacking a model whose flag says training; a wrapped
+    classifier must not come back with BatchNorm in training mode."""
+    x, y = (t[:2] for t in test_images)
+    wrapper = noisy_logits(resnet20, 0.1)  # a fresh nn.Module: training=True, the classifier inside in eval
+    autoattack(wrapper, x, y, version="rand", iterations=2, eot=1)
+    assert wrapper.training and not any(m.training for m in resnet20.modules())

@@ -1,0 +1,50 @@
+import pytest
+
+from rdp_core.evaluation.summary import markdown, summarize, wilson_interval
+
+
+def test_wilson_interval_matches_known_values():
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+
+
+def record(kind, index, eps, votes, label=0, **extra):
+    return {"kind": kind, "index": index, "label": label, "eps": eps, "votes": votes,
+            "correct_all": all(v == label for v in votes),
+            "correct_majority": sum(v == label for v in votes) * 2 > len(votes), "linf": eps, "l2": 0.0, **extra}
+
+
+def test_robust_needs_every_vote_on_both_the_clean_and_the_attacked_image():
+    records = [record("clean", 0, 0.0, [0, 0, 0]), record("attack", 0, 0.03, [0, 0, 0]),   # robust
+               record("clean", 1, 0.0, [0, 0, 1]), record("attack", 1, 0.03, [0, 0, 0]),   # clean vote lost
+               record("clean", 2, 0.0, [0, 0, 0]), record("attack", 2, 0.03, [0, 1, 0]),   # majority only
+               record("clean", 3, 0.0, [1, 1, 1]), record("attack", 3, 0.03, [1, 1, 1])]   # wrong
+    summary = summarize(records)
+    (row,) = summary["rows"]
+    assert row["clean"]["correct"] == 2 and row["robust"]["correct"] == 1
+    assert row["clean_majority"]["correct"] == 3 and row["robust_majority"]["correct"] == 3
+    assert row["robust"]["accuracy"] == 25.0 and row["robust"]["ci95"][0] < 25.0 < row["robust"]["ci95"][1]
+    text = markdown(summary, {"defense": "diffpure", "attack": "pgd-eot", "norm": "linf", "votes": 3})
+    assert "| 7.65/255 | 50.00% [" in text and "25.00% [" in text
+
+
+def test_eps_check_flags_only_a_significant_rise():
+    clean = [record("clean", i, 0.0, [i % 2]) for i in range(20)]  # half right
+    flat = [record("attack", i, 0.03, [1]) for i in range(20)]  # all wrong
+    risen = [record("attack", i, 0.06, [0]) for i in range(20)]  # all right at the larger eps
+    status = {c["name"]: c["status"] for c in summarize(clean + flat + risen)["sanity"]}
+    assert status["eps"] == "FAIL"
+    one_more = [record("attack", i, 0.06, [0 if i == 1 else 1]) for i in range(20)]
+    status = {c["name"]: c["status"] for c in summarize(clean + flat + one_more)["sanity"]}
+    assert status["eps"] == "pass" and status["iterations"] == "not run" and status["unbounded"] == "not run"
+
+
+def test_iteration_check_reads_the_pgd_traces():
+    clean = [record("clean", i, 0.0, [0]) for i in range(10)]
+    falling = [record("attack", i, 0.03, [1], correct_fraction=[1.0, 0.9, 0.5, 0.2, 0.0, 0.0, 0.1, 0.0])
+               for i in range(10)]
+    rising = [record("attack", i, 0.03, [1], correct_fraction=[0.0, 0.1, 0.3, 0.5, 0.6, 0.8, 0.9, 1.0 - i / 100])
+              for i in range(10)]
+    assert summarize(clean + falling)["sanity"][3]["status"] == "pass"
+    assert summarize(clean + rising)["sanity"][3]["status"] == "FAIL"
