@@ -29,7 +29,9 @@ def _math_sdpa(q, k, v):
 
 @functools.lru_cache(maxsize=None)
 def _compiled_eager():
-    return torch.compile(lambda q, k, v: (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1) @ v)
+    torch._dynamo.config.recompile_limit = 256  # one compile per shape and dtype; past 8 dynamo silently runs eager
+    return torch.compile(lambda q, k, v: (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1) @ v,
+                         dynamic=False)
 
 
 CPU_PROVIDERS = {

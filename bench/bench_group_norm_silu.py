@@ -66,7 +66,8 @@ def _eager(x, w, b, scale, shift):
 
 @functools.lru_cache(maxsize=None)
 def _compiled_eager():
-    return torch.compile(_eager)
+    torch._dynamo.config.recompile_limit = 256  # one compile per shape and dtype; past 8 dynamo silently runs eager
+    return torch.compile(_eager, dynamic=False)
 
 
 PASS_PROVIDERS = {
