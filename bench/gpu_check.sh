@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU checks of the kernels and adjoint issues in one device call: the kernel and whole-model tests on
+# CUDA, then the GPU benchmarks, each step under its own time limit so one slow step cannot eat the lease.
+#   bash bench/gpu_check.sh        (logs and pytest-benchmark JSON go to $OUT)
+#   STEPS="gn attn" bash bench/gpu_check.sh   (a subset; steps: tests gn attn grad, or a bench name like model)
+# torchsde is not on the lent machines: carry its wheels, fetched here into the git-ignored .whl/ with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl torchsde==0.2.6 trampoline==0.1.2
+# Durations seen on an H200 (2026-11-27): gn about 75 s without torch.compile and 70 s more for its fp16
+# compiles, attn 76 s, grad well over 190 s at batch 64 (two providers done in 190 s), tests over 120 s (the
+# fp32 head_dim-512 attention kernels compile slowly): all four do not fit one 10-minute call.
+set -u
+OUT=${OUT:-/tmp/rdp-gpu-check}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+# A plain checkout has the Triton kernels in kernels/, which an install maps to rdp_core.kernels.
+[ -e rdp_core/kernels ] || ln -s ../kernels rdp_core/kernels
+log=$OUT/log.txt
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 | tee -a "$log"
+
+step() {  # step LIMIT_S COMMAND...: run under a time limit, log its output, its exit status and its duration
+  local limit=$1 start=$SECONDS; shift
+  echo "=== $* (limit ${limit} s)" | tee -a "$log"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  echo "=== exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$log"
+}
+
+PYTEST=(python3 -m pytest -q -p no:cacheprovider -rs)
+BENCH=("${PYTEST[@]}" --benchmark-only --benchmark-group-by=group --benchmark-columns=median,iqr,rounds)
+STEPS=${STEPS:-tests gn attn grad}
+for s in $STEPS; do case $s in
+  # -v names each test as it runs and pytest-timeout (on the lent machines) stops one that hangs.
+  tests) step 240 "${PYTEST[@]}" -v --timeout=60 tests/kernels/test_models_on_gpu.py tests/kernels \
+        --junitxml="$OUT/tests.xml" ;;
+  gn) step 150 "${BENCH[@]}" bench/bench_group_norm_silu.py -k gpu \
+        --benchmark-warmup=on --benchmark-max-time=0.25 --benchmark-json="$OUT/bench-gn.json" ;;
+  attn) step 120 "${BENCH[@]}" bench/bench_attention.py -k gpu \
+        --benchmark-warmup=on --benchmark-max-time=0.25 --benchmark-json="$OUT/bench-attn.json" ;;
+  grad) step 240 "${BENCH[@]}" bench/bench_gradient.py -k cuda --benchmark-min-rounds=1 \
+        --benchmark-json="$OUT/bench-grad.json" ;;
+  *) step 600 "${BENCH[@]}" "bench/bench_$s.py" -k cuda --benchmark-json="$OUT/bench-$s.json" ;;
+esac; done
