@@ -6,6 +6,8 @@ differentiable with respect to the images, exactly (attacks need the gradient; s
 randomness comes from one seed drawn from the caller's generator, so the same seed gives the same output.
 `eot_gradient` averages the gradient of a loss over several independent purifications (EOT).
 """
+import functools
+
 import torch
 from torch import nn
 
@@ -13,13 +15,15 @@ from rdp_core.attacks.eot import eot_loss_gradient
 from rdp_core.checks import check_images
 from rdp_core.models.default import default_eps_model_for, load_default_eps_model
 from rdp_core.sampling import DIFFUSION_DRAW, VP, StepNoise, make_solver
-from rdp_core.sampling.adjoint import checkpointed_solve, warn_if_trainable
+from rdp_core.guidance import GuidedEps, make_guidance
+from rdp_core.sampling.adjoint import checkpointed_solve, progress_range, warn_if_trainable
 
 GRAD_MODES = ("adjoint", "autograd", "bpda", "none")
 
 
 def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=None, clip=True, progress=False,
-           grad="adjoint", checkpoint_every=None, schedule=VP, **solver_options):
+           grad="adjoint", checkpoint_every=None, schedule=VP, guidance=None, guidance_options=None,
+           **solver_options):
     """Purified copy of the images `x` (float, NCHW, values in [0, 1]): same shape, dtype and device.
 
     t_star: diffusion time in (0, 1] (0.1 is DiffPure's CIFAR-10 setting).
@@ -36,6 +40,10 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
                    steps; for checking and for gradients to the score model's weights).
         "bpda"     the identity (Athalye et al.'s BPDA): purified values forward, d out / d x = I backward.
         "none"     no graph at all: the result does not require grad.
+    guidance: None (plain purification), "gdmp" (pixel distance to the input, GDMP), "agdm" (the paper's
+        adversarial guidance with the shipped auxiliary network) or a rdp_core.guidance.Guidance; its
+        options (scale, schedule, on, layer, lam, ...) in guidance_options. Every solver and every grad mode
+        takes it; the adjoint and autograd differentiate through it, including its reading of x at every step.
     """
     check_images(x)
     check_grad_mode(grad)
@@ -43,21 +51,32 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
     if model is None:
         model = default_eps_model_for(x, t_star)
     check_model_device(model, x)
+    guide = make_guidance(guidance, x.device, **(guidance_options or {}))
+    run = functools.partial(_purified, model=model, reverse=reverse, schedule=schedule, generator=generator,
+                            clip=clip, progress=progress, guidance=guide)
     if grad in ("bpda", "none") or not torch.is_grad_enabled():
         with torch.no_grad():
-            out = _purified(x.detach(), model, reverse, schedule, generator, clip, progress, "autograd", None)
+            out = run(x.detach(), grad="autograd", checkpoint_every=None)
         return x + (out - x).detach() if grad == "bpda" and x.requires_grad else out
-    return _purified(x, model, reverse, schedule, generator, clip, progress, grad, checkpoint_every)
+    return run(x, grad=grad, checkpoint_every=checkpoint_every)
 
 
-def _purified(x, model, reverse, schedule, generator, clip, progress, grad, checkpoint_every):
-    x_t, noise = _diffused_state(x, reverse, schedule, generator)
-    if grad == "adjoint" and x_t.requires_grad:
+def _purified(x, *, model, reverse, schedule, generator, clip, progress, grad, checkpoint_every, guidance):
+    x_in, x_t, noise = _diffused_state(x, reverse, schedule, generator)
+    reference = guidance.prepare(x_in) if guidance is not None else ()
+
+    def step(state, i, *reference):
+        eps_model = model if guidance is None else GuidedEps(model, guidance, reference, noise, i, schedule)
+        return reverse.step(eps_model, state, i, noise)
+
+    if grad == "adjoint" and (x_t.requires_grad or any(r.requires_grad for r in reference)):
         warn_if_trainable(model)
-        x_0 = checkpointed_solve(lambda state, i: reverse.step(model, state, i, noise), x_t, reverse.num_steps,
-                                 every=checkpoint_every, progress=progress)
+        x_0 = checkpointed_solve(step, x_t, reverse.num_steps, context=reference, every=checkpoint_every,
+                                 progress=progress)
     else:
-        x_0 = reverse.sample(model, x_t, noise, progress=progress)
+        x_0 = x_t
+        for i in progress_range(reverse.num_steps, progress, type(reverse).__name__):
+            x_0 = step(x_0, i, *reference)
     out = (x_0 + 1.0) * 0.5
     if clip:
         out = out.clamp(0.0, 1.0)
@@ -71,16 +90,17 @@ def diffuse(x, t_star=0.1, *, solver="sde", steps=None, generator=None, schedule
     """
     check_images(x)
     reverse = make_solver(solver, t_star, steps, schedule, **solver_options)
-    x_t, _ = _diffused_state(x, reverse, schedule, generator)
+    _, x_t, _ = _diffused_state(x, reverse, schedule, generator)
     return ((x_t + 1.0) * 0.5).to(x.dtype)
 
 
 def _diffused_state(x, reverse, schedule, generator):
-    """x mapped to [-1, 1] and diffused to the solver's start; the state is float32 (float64 when given)."""
+    """(x mapped to [-1, 1], that diffused to the solver's start, the noise source); float32 states (float64
+    when given)."""
     state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x0 = x.to(state_dtype) * 2.0 - 1.0
     noise = StepNoise.like(x0, generator)
-    return schedule.diffuse(x0, noise(DIFFUSION_DRAW), reverse.start_alpha_bar), noise
+    return x0, schedule.diffuse(x0, noise(DIFFUSION_DRAW), reverse.start_alpha_bar), noise
 
 
 class Purifier(nn.Module):
@@ -91,13 +111,17 @@ class Purifier(nn.Module):
     """
 
     def __init__(self, classifier, model=None, t_star=0.1, *, solver="sde", steps=None, generator=None, clip=True,
-                 grad="adjoint", checkpoint_every=None, schedule=VP, **solver_options):
+                 grad="adjoint", checkpoint_every=None, schedule=VP, guidance=None, guidance_options=None,
+                 **solver_options):
         super().__init__()
         if model is None:
             model = load_default_eps_model()
         # Reject a bad configuration now, not at the first call.
         make_solver(solver, t_star, steps, schedule, **solver_options)
         check_grad_mode(grad)
+        self.guidance = make_guidance(guidance, _device_of(model), **(guidance_options or {}))
+        # Registered as a submodule, so that moving the Purifier moves the auxiliary network too.
+        self.guidance_network = getattr(self.guidance, "network", None)
         self.grad = grad
         self.checkpoint_every = checkpoint_every
         self.classifier = classifier
@@ -113,7 +137,16 @@ class Purifier(nn.Module):
     def purify(self, x, generator=None):
         return purify(x, self.t_star, model=self.model, solver=self.solver, steps=self.steps,
                       generator=generator or self.generator, clip=self.clip, grad=self.grad,
-                      checkpoint_every=self.checkpoint_every, schedule=self.schedule, **self.solver_options)
+                      checkpoint_every=self.checkpoint_every, schedule=self.schedule, guidance=self.guidance,
+                      **self.solver_options)
+
+    def train(self, mode=True):
+        """Sets the classifier's mode; the guidance network stays in eval mode (its BatchNorm statistics are
+        part of the defense, and attack libraries call train() on the models they wrap)."""
+        super().train(mode)
+        if self.guidance_network is not None:
+            self.guidance_network.eval()
+        return self
 
     def forward(self, x, generator=None):
         """Logits of the purified images; `generator` (optional) replaces the module's for this call."""
@@ -138,6 +171,11 @@ def eot_gradient(purifier, x, y, draws=8, loss=None, seed=None):
 def check_grad_mode(grad):
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
+
+
+def _device_of(model):
+    tensor = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def check_model_device(model, x):

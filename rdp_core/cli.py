@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,10 @@ from rdp_core.attacks import NORMS
 from rdp_core.data import default_root, load_cifar10
 from rdp_core.evaluation import ATTACKS, DEFENSES, EvalConfig, evaluate
 from rdp_core.evaluation.distributed import init_from_env, shutdown
-from rdp_core.models import GaussianEpsModel, load_cifar_resnet
+from rdp_core.evaluation.runner import device_name
+from rdp_core.guidance.objectives import SCHEDULES
+from rdp_core.guidance.trades import TradesConfig, train_auxiliary
+from rdp_core.models import GaussianEpsModel, load_cifar_resnet, load_classifier
 from rdp_core.models.default import load_default_eps_model, load_trained
 from rdp_core.models.ncsnpp import DDPMppConfig
 from rdp_core.sampling import SOLVERS, make_solver
@@ -44,8 +46,10 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     _add_purify_command(commands)
     _add_train_command(commands)
+    _add_train_guidance_command(commands)
     _add_eval_command(commands)
     args = parser.parse_args(argv)
+    args.command_line = " ".join(["rdp-core"] + list(sys.argv[1:] if argv is None else argv))
     return args.run(args)
 
 
@@ -93,13 +97,46 @@ def _add_train_command(commands):
     p.set_defaults(run=run_train)
 
 
+def _add_train_guidance_command(commands):
+    defaults = TradesConfig()
+    p = commands.add_parser("train-guidance", help="train AGDM's auxiliary network with TRADES on CIFAR-10")
+    p.add_argument("--data", default=None, help="data root holding cifar-10-batches-py/")
+    p.add_argument("--out", type=Path, default=Path("runs/train-guidance"), help="folder for the log and weights")
+    p.add_argument("--depth", type=int, default=defaults.depth, help="CIFAR ResNet depth 6n+2 (default 20)")
+    p.add_argument("--beta", type=float, default=defaults.beta, help="TRADES' robustness weight (default 6)")
+    p.add_argument("--eps", default="8/255", help="l_inf radius of the inner attack (default 8/255)")
+    p.add_argument("--attack-steps", type=int, default=defaults.attack_steps, help="inner attack steps (default 5)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr, help="SGD learning rate, cosine-annealed (default 0.1)")
+    p.add_argument("--minutes", type=float, default=defaults.minutes, help="wall-clock training budget")
+    p.add_argument("--max-steps", type=int, default=defaults.max_steps, help="stop after this many steps (0: budget)")
+    p.add_argument("--eval-images", type=int, default=defaults.eval_images,
+                   help="test images for the final clean and PGD-20 accuracy")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.set_defaults(run=run_train_guidance)
+
+
+def run_train_guidance(args):
+    (eps,) = _parse_eps(args.eps)
+    config = TradesConfig(depth=args.depth, beta=args.beta, eps=eps, step_size=eps / 4,
+                          attack_steps=args.attack_steps, batch_size=args.batch_size, lr=args.lr,
+                          minutes=args.minutes, max_steps=args.max_steps, eval_images=args.eval_images, seed=args.seed)
+    path = train_auxiliary(config, args.data, args.out, resume=args.resume, device=_resolve_device(args.device),
+                           command=args.command_line)
+    print(f"wrote {path} and {args.out / 'train_log.jsonl'}")
+    return 0
+
+
 def _add_eval_command(commands):
     defaults = EvalConfig()
     p = commands.add_parser("eval", help="attack a defense on CIFAR-10 test images; clean and robust accuracy with "
                             "confidence intervals, sanity checks, a markdown table and a PNG of accuracy against eps")
     p.add_argument("--data", default=None, help="data root holding cifar-10-batches-py/")
     p.add_argument("--defense", choices=DEFENSES, default=defaults.defense,
-                   help="none: the bare classifier; diffpure: purification then the classifier")
+                   help="none: the bare classifier; diffpure: purification then the classifier; gdmp: purification "
+                        "guided by pixel distance to the input; agdm: adversarial guidance (the paper's method)")
     p.add_argument("--attack", choices=ATTACKS, default=defaults.attack)
     p.add_argument("--norm", choices=NORMS, default=defaults.norm)
     p.add_argument("--eps", default=None,
@@ -113,6 +150,9 @@ def _add_eval_command(commands):
                    help="independent purifications per verdict: robust only if right on all (default 10)")
     p.add_argument("--classifier", default=None,
                    help=f"CIFAR ResNet checkpoint, akamaster format (default DATA/{DEFAULT_CLASSIFIER})")
+    p.add_argument("--classifier-arch", default=None,
+                   help="architecture of --classifier: resnet20/32/44/56/110 (akamaster), wrn-28-10 (RobustBench) "
+                        "or resnet50 (torchvision) (default: read from an akamaster file name)")
     p.add_argument("--model", default="default", help="epsilon model: default, gaussian, or a .safetensors file")
     p.add_argument("--fit-images", type=int, default=50_000, help="training images the Gaussian is fitted to")
     p.add_argument("--t-star", type=float, default=defaults.t_star)
@@ -125,11 +165,58 @@ def _add_eval_command(commands):
     p.add_argument("--sanity-images", type=int, default=defaults.sanity_images,
                    help="images the sanity-check attacks run on (the first ones)")
     p.add_argument("--sanity-iterations", type=int, default=defaults.sanity_iterations)
+    _add_guidance_options(p)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=Path("runs/eval"))
     p.add_argument("--resume", action="store_true", help="continue the evaluation in --out where it stopped")
     p.set_defaults(run=run_eval)
+
+
+# --option: (guidance options key, the defenses it applies to); unset options keep the objectives' defaults.
+GUIDANCE_FLAGS = {
+    "guidance_scale": ("scale", ("gdmp", "agdm")),
+    "guidance_schedule": ("schedule", ("gdmp", "agdm")),
+    "guidance_on": ("on", ("gdmp", "agdm")),
+    "gdmp_distance": ("distance", ("gdmp",)),
+    "agdm_layer": ("layer", ("agdm",)),
+    "agdm_lambda": ("lam", ("agdm",)),
+    "agdm_latent": ("latent", ("agdm",)),
+}
+
+
+def _add_guidance_options(p):
+    g = p.add_argument_group("guidance (--defense gdmp or agdm)")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="scale a of the guidance (defaults: GDMP's CIFAR-10 setting 28687.5; agdm 1000)")
+    g.add_argument("--guidance-schedule", choices=SCHEDULES, default=None,
+                   help="gdmp: a * sigma(t) / sqrt(alpha_bar(t)) (GDMP's; default for gdmp); constant: a "
+                        "(default for agdm)")
+    g.add_argument("--guidance-on", choices=("x_t", "x0"), default=None,
+                   help="guide the sample x_t or its one-step denoised estimate x0 (defaults: gdmp x_t, agdm x0)")
+    g.add_argument("--gdmp-distance", choices=("mse", "ssim"), default=None, help="GDMP's distance (default mse)")
+    g.add_argument("--agdm-layer", default=None, help="auxiliary representation compared: layer1, layer2, layer3 "
+                   "or pool (default pool)")
+    g.add_argument("--agdm-lambda", type=float, default=None,
+                   help="weight of the auxiliary classifier's log-probability term (default 1; 0: latent term only)")
+    g.add_argument("--agdm-no-latent", dest="agdm_latent", action="store_const", const=False, default=None,
+                   help="drop the latent distance (the classifier-term-only ablation)")
+    g.add_argument("--auxiliary", default=None, help="auxiliary network weights for agdm (default: the shipped ones, "
+                   "made by rdp-core train-guidance)")
+
+
+def _guidance_options(args):
+    """The guidance options given on the command line, or a ValueError for one that the defense does not take."""
+    options = {}
+    for flag, (key, defenses) in GUIDANCE_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if args.defense not in defenses:
+            raise ValueError(f"--{flag.replace('_', '-')} applies to --defense {' or '.join(defenses)}, "
+                             f"not {args.defense}")
+        options[key] = value
+    return options or None
 
 
 def run_eval(args):
@@ -161,7 +248,9 @@ def _eval_config(args, device):
                       votes=args.votes, t_star=args.t_star, solver=args.solver, steps=args.steps, seed=args.seed,
                       batch_size=args.batch_size, eot_chunk=args.eot_chunk, square_queries=args.square_queries,
                       sanity=args.sanity, sanity_images=args.sanity_images, sanity_iterations=args.sanity_iterations,
-                      classifier=args.classifier or DEFAULT_CLASSIFIER, model=args.model, device=str(device))
+                      classifier=args.classifier or DEFAULT_CLASSIFIER, classifier_arch=args.classifier_arch,
+                      model=args.model, device=str(device), guidance_options=_guidance_options(args),
+                      auxiliary=args.auxiliary)
 
 
 def _parse_eps(text):
@@ -183,7 +272,7 @@ def run_train(args):
                          num_res_blocks=args.num_res_blocks)
     config = TrainConfig(model=model, t_max=args.t_max, batch_size=args.batch_size, lr=args.lr,
                          ema_decay=args.ema_decay, minutes=args.minutes, max_steps=args.max_steps, seed=args.seed)
-    path = train(config, args.data, args.out, resume=args.resume)
+    path = train(config, args.data, args.out, resume=args.resume, command=args.command_line)
     print(f"wrote {path} and {args.out / 'train_log.jsonl'}")
     return 0
 
@@ -242,7 +331,8 @@ def _load_classifier(args):
     if args.classifier is None and not path.is_file():
         print(f"no classifier at {path}: accuracy is not measured (pass --classifier)", flush=True)
         return None
-    return load_cifar_resnet(path)
+    arch = getattr(args, "classifier_arch", None)
+    return load_classifier(arch, path) if arch else load_cifar_resnet(path)
 
 
 def _accuracies(classifier, images, purified, labels, batch_size):
@@ -284,8 +374,7 @@ def _report(args, device, fit_images, seconds, mse, psnr, labels):
     return {
         "command": " ".join(["rdp-core"] + sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"cpu ({platform.processor() or platform.machine()})"),
+        "device": device_name(device),
         "config": {"t_star": args.t_star, "solver": args.solver, "steps": args.steps, "seed": args.seed,
                    "batch_size": args.batch_size, "model": args.model, "fit_images": fit_images},
         "n_images": len(labels),

@@ -52,8 +52,12 @@ def denoising_loss(net, x0, t_min, t_max, generator=None):
     return (net(x_t, t * net.config.time_scale) - noise).square().mean()
 
 
-def train(config, data_root, out_dir, resume=False, progress=True):
-    """Trains until the time budget or max_steps is used; returns the path of the fp16 EMA weights."""
+def train(config, data_root, out_dir, resume=False, progress=True, command=None):
+    """Trains until the time budget or max_steps is used; returns the path of the fp16 EMA weights.
+
+    command: the command line recorded in the log and the weights' metadata (default: this process's).
+    """
+    command = command or default_command()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -67,7 +71,7 @@ def train(config, data_root, out_dir, resume=False, progress=True):
     generator = torch.Generator().manual_seed(config.seed + step)
 
     log = open(out_dir / "train_log.jsonl", "a")
-    log.write(json.dumps({"start_step": step, "command": _command()}) + "\n")
+    log.write(json.dumps({"start_step": step, "command": command}) + "\n")
     start = last_save = time.time()
     start_step = step
     bar = _progress_bar(config, progress, start_step)
@@ -93,11 +97,11 @@ def train(config, data_root, out_dir, resume=False, progress=True):
                                   "elapsed_s": round(elapsed, 1), "images_per_s": round(images_per_s, 2)}) + "\n")
             log.flush()
         if time.time() - last_save > 60 * config.save_every_minutes:
-            _save(out_dir, config, net, ema, optimizer, step)
+            _save(out_dir, config, net, ema, optimizer, step, command)
             last_save = time.time()
     bar.close()
     log.close()
-    return _save(out_dir, config, net, ema, optimizer, step)
+    return _save(out_dir, config, net, ema, optimizer, step, command)
 
 
 def denoising_psnr(model, images, t, batch_size=100, seed=0):
@@ -142,21 +146,21 @@ def _progress_bar(config, enabled, initial):
     return tqdm(total=config.max_steps or None, initial=initial, desc="training", unit="step", disable=not enabled)
 
 
-def _save(out_dir, config, net, ema, optimizer, step):
+def _save(out_dir, config, net, ema, optimizer, step, command):
     torch.save({"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "step": step}, out_dir / "checkpoint.pt")
     metadata = {
         "model_config": json.dumps(dataclasses.asdict(config.model)),
         "train_config": json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k != "model"}),
         "step": str(step),
-        "command": _command(),
+        "command": command,
     }
     path = out_dir / "model.safetensors"
     save_file({k: v.half().contiguous() for k, v in ema.state_dict().items()}, str(path), metadata=metadata)
     return path
 
 
-def _command():
+def default_command():
     return " ".join(["rdp-core"] + sys.argv[1:])
 
 

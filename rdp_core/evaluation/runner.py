@@ -11,9 +11,12 @@ classifier at the reference eps (kind "undefended"). A verdict runs the defense 
 world_size-th image, so each image is evaluated exactly once; rank 0 writes the summary.
 """
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
+import platform
+import sys
 import time
 from pathlib import Path
 
@@ -24,10 +27,11 @@ from rdp_core.attacks import autoattack, pgd_eot, predict_votes
 from rdp_core.attacks.pgd import DEFAULT_EPS, NORMS
 from rdp_core.evaluation import distributed
 from rdp_core.evaluation.records import RecordStore, eps_key
-from rdp_core.models.default import load_default_eps_model
 from rdp_core.evaluation.summary import markdown, plot_accuracy_vs_eps, summarize
+from rdp_core.guidance import load_auxiliary
+from rdp_core.models.default import load_default_eps_model
 
-DEFENSES = ("none", "diffpure")  # guided defenses (gdmp, agdm) join with the guidance issue
+DEFENSES = ("none", "diffpure", "gdmp", "agdm")
 ATTACKS = ("pgd-eot", "bpda-eot", "autoattack-rand", "autoattack-standard")
 
 
@@ -53,9 +57,15 @@ class EvalConfig:
     sanity_images: int = 16
     sanity_iterations: int = 20
     unbounded_step: float = 2.0  # l_2 length of each unbounded step
-    classifier: str = ""
+    classifier: str = ""  # what the classifier was, for the record (the evaluator is handed the module)
+    classifier_arch: str = None
     model: str = ""
     device: str = "cpu"
+    # gdmp / agdm: options of rdp_core.guidance.PixelGuidance / AdversarialGuidance (scale, schedule, on, ...)
+    # and, for agdm, the auxiliary network's weights (None: the shipped ones). None when unused, so that runs
+    # recorded before guidance existed still resume.
+    guidance_options: dict = None
+    auxiliary: str = None
 
     def __post_init__(self):
         if self.defense not in DEFENSES:
@@ -76,6 +86,10 @@ class EvalConfig:
             self.votes, self.eot = 1, 1
         if self.defense == "none" and self.attack == "bpda-eot":
             raise ValueError("bpda-eot approximates a purifier's gradient; with --defense none use pgd-eot")
+        if self.guidance_options and self.defense not in ("gdmp", "agdm"):
+            raise ValueError(f"guidance options need --defense gdmp or agdm, not {self.defense}")
+        if self.auxiliary and self.defense != "agdm":
+            raise ValueError(f"an auxiliary network is for --defense agdm, not {self.defense}")
 
 
 def evaluate(config, classifier, eps_model=None, out_dir="runs/eval", *, images=None, labels=None, data_root=None,
@@ -105,7 +119,7 @@ def evaluate(config, classifier, eps_model=None, out_dir="runs/eval", *, images=
     with _progress_bar(len(mine), rank, progress) as bar:
         for start in range(0, len(mine), config.batch_size):
             indices = mine[start:start + config.batch_size]
-            for job in evaluation.jobs(indices):
+            for job in evaluation.jobs():
                 todo = [i for i in indices if (job.kind, i, eps_key(job.eps)) not in done and job.applies_to(i)]
                 if todo:
                     store.append(evaluation.run(job, todo, images[todo].to(device), labels[todo].to(device)))
@@ -113,13 +127,18 @@ def evaluate(config, classifier, eps_model=None, out_dir="runs/eval", *, images=
     distributed.barrier()
     if rank != 0:
         return None
-    return write_summary(out_dir, _config_dict(config), store.read_all())
+    # A resumed run may ask for fewer images than an earlier one wrote: the summary is of the images asked for.
+    records = [r for r in store.read_all() if r["index"] < config.n_images]
+    return write_summary(out_dir, _config_dict(config), records)
 
 
 def write_summary(out_dir, config, records):
     out_dir = Path(out_dir)
     summary = summarize(records, config["norm"])
-    (out_dir / "summary.json").write_text(json.dumps({"config": config, **summary}, indent=2))
+    provenance = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "device": device_name(torch.device(config["device"]))}
+    (out_dir / "summary.json").write_text(json.dumps({**provenance, "config": config, **summary}, indent=2))
     (out_dir / "summary.md").write_text(markdown(summary, config))
     plot_accuracy_vs_eps(summary, config, out_dir / "accuracy_vs_eps.png")
     return summary
@@ -146,12 +165,13 @@ class _Evaluation:
             self.defense = self.gradient_model = classifier
         else:
             eps_model = eps_model if eps_model is not None else load_default_eps_model(device)
-            options = dict(t_star=config.t_star, solver=config.solver, steps=config.steps, generator=self.generator)
+            options = dict(t_star=config.t_star, solver=config.solver, steps=config.steps, generator=self.generator,
+                           **_guidance(config, device))
             self.defense = Purifier(classifier, eps_model, grad="none", **options)
             self.gradient_model = Purifier(classifier, eps_model,
                                            grad="bpda" if config.attack == "bpda-eot" else "adjoint", **options)
 
-    def jobs(self, indices):
+    def jobs(self):
         c = self.config
         yield _Job("clean", 0.0)
         for eps in c.eps:
@@ -219,6 +239,23 @@ def _record(job, index, label, votes, delta, trace, k, seconds):
     if trace is not None:
         record["correct_fraction"] = [round(float(v), 4) for v in trace[:, k]]
     return record
+
+
+def device_name(device):
+    """What a result was measured on: the GPU's name, or the CPU's and the thread count."""
+    if device.type == "cuda":
+        return torch.cuda.getdevice_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _guidance(config, device):
+    """Purifier's guidance arguments for the configured defense (none for diffpure)."""
+    if config.defense not in ("gdmp", "agdm"):
+        return {}
+    options = dict(config.guidance_options or {})
+    if config.defense == "agdm":
+        options["network"] = load_auxiliary(config.auxiliary, device)
+    return {"guidance": config.defense, "guidance_options": options}
 
 
 def _config_dict(config):

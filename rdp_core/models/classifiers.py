@@ -30,7 +30,10 @@ class _NormalizedInput(nn.Module):
         self.register_buffer("input_std", torch.tensor(std).reshape(1, -1, 1, 1), persistent=False)
 
     def forward(self, x):
-        return self.logits((x - self.input_mean) / self.input_std)
+        return self.logits(self.normalize(x))
+
+    def normalize(self, x):
+        return (x - self.input_mean) / self.input_std
 
 
 # --- akamaster CIFAR ResNets -------------------------------------------------------------------------------
@@ -81,10 +84,24 @@ class CifarResNet(_NormalizedInput):
         return nn.Sequential(*[_CifarBasicBlock(in_planes if i == 0 else planes, planes, stride if i == 0 else 1)
                                for i in range(blocks)])
 
+    LAYERS = ("layer1", "layer2", "layer3", "pool")
+
     def logits(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        return self.linear(out.mean(dim=(2, 3)))
+        return self.linear(self._stages(x)[-1])
+
+    def _stages(self, x):
+        """The outputs of the three stages and of the global pooling, for a normalised input."""
+        out = [F.relu(self.bn1(self.conv1(x)))]
+        for stage in (self.layer1, self.layer2, self.layer3):
+            out.append(stage(out[-1]))
+        return out[1:] + [out[-1].mean(dim=(2, 3))]
+
+    def representation(self, x, layer="pool"):
+        """(the representation at `layer` (one of LAYERS), logits) of images x in [0, 1], in one forward."""
+        if layer not in self.LAYERS:
+            raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
+        stages = self._stages(self.normalize(x))
+        return stages[self.LAYERS.index(layer)], self.linear(stages[-1])
 
 
 def load_cifar_resnet(path, depth=None):

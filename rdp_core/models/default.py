@@ -8,7 +8,6 @@ import json
 import warnings
 from pathlib import Path
 
-import torch
 
 from rdp_core.models.checkpoint import load_strict
 from rdp_core.models.ncsnpp import DDPMppConfig, NCSNpp, ScoreSDEEpsModel

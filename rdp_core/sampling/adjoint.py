@@ -52,7 +52,7 @@ class _CheckpointedSolve(torch.autograd.Function):
         ctx.step, ctx.num_steps, ctx.every = step, num_steps, every
         checkpoints = []
         with torch.no_grad():
-            for i in _steps(num_steps, progress, "reverse"):
+            for i in progress_range(num_steps, progress, "reverse"):
                 if i % every == 0:
                     checkpoints.append(x)
                 x = step(x, i, *context)
@@ -105,7 +105,8 @@ def _add(total, g):
     return g if total is None else total + g
 
 
-def _steps(num_steps, progress, desc):
+def progress_range(num_steps, progress, desc):
+    """range(num_steps), with a progress bar named `desc` when `progress`."""
     if not progress:
         return range(num_steps)
     from tqdm.auto import tqdm

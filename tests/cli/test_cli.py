@@ -8,6 +8,7 @@ import torch
 
 from rdp_core.cli import main
 from rdp_core.data import load_cifar10
+from rdp_core.guidance import load_auxiliary
 from rdp_core.visualize import image_grid, write_png
 
 
@@ -119,7 +120,31 @@ def test_eval_command_reports_accuracy_and_sanity(data_root, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--eps", "8/x"], "--eps"), (["--votes", "0"], "votes"), (["--t-star", "2"], "t_star"),
+    (["--classifier-arch", "vgg16"], "unknown classifier"),
+    (["--guidance-scale", "3"], "--guidance-scale applies to --defense gdmp or agdm"),
+    (["--defense", "gdmp", "--agdm-lambda", "0"], "--agdm-lambda applies to --defense agdm"),
+    (["--defense", "gdmp", "--auxiliary", "x.safetensors"], "auxiliary network is for --defense agdm"),
 ])
 def test_eval_command_rejects_bad_settings(data_root, tmp_path, argv, message):
     with pytest.raises((SystemExit, ValueError), match=message):
         main(["eval", "--data", str(data_root), "--out", str(tmp_path / "x")] + argv)
+
+
+def test_train_guidance_then_evaluate_agdm_with_the_trained_network(data_root, tmp_path, capsys):
+    # The whole path of the paper's method at toy size: TRADES-train an auxiliary network, then attack the
+    # AGDM-guided purifier that uses it through the evaluator.
+    weights = tmp_path / "aux" / "auxiliary.safetensors"
+    assert main(["train-guidance", "--data", str(data_root), "--out", str(weights.parent), "--depth", "8",
+                 "--max-steps", "3", "--batch-size", "16", "--attack-steps", "2", "--eval-images", "20"]) == 0
+    network = load_auxiliary(weights)
+    assert network.metadata["depth"] == 8 and network.metadata["eval_images"] == 20
+    assert 0.0 <= network.metadata["pgd20_accuracy"] <= network.metadata["clean_accuracy"] <= 1.0
+    assert network.metadata["command"].startswith("rdp-core train-guidance")
+    out = tmp_path / "eval"
+    assert main(["eval", "--data", str(data_root), "--defense", "agdm", "--auxiliary", str(weights),
+                 "--agdm-layer", "layer3", "--guidance-scale", "50", "--n-images", "2", "--iterations", "1",
+                 "--eot", "1", "--votes", "2", "--steps", "3", "--no-sanity", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["guidance_options"] == {"layer": "layer3", "scale": 50.0}
+    assert summary["config"]["defense"] == "agdm" and summary["n_images"] == 2
+    assert (out / "summary.md").read_text().startswith("defense `agdm` (layer=layer3, scale=50.0)")

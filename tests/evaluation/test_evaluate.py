@@ -77,8 +77,10 @@ def test_resume_skips_what_is_written_and_refuses_another_configuration(resnet20
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(defense="gdmp"), "defense"), (dict(attack="cw"), "attack"), (dict(norm="l1"), "norm"),
+    (dict(defense="pixel"), "defense"), (dict(attack="cw"), "attack"), (dict(norm="l1"), "norm"),
     (dict(eps=(0.0,)), "eps"), (dict(votes=0), "votes"), (dict(defense="none", attack="bpda-eot"), "bpda"),
+    (dict(defense="diffpure", guidance_options={"scale": 1.0}), "guidance options"),
+    (dict(defense="gdmp", auxiliary="aux.safetensors"), "auxiliary network is for"),
 ])
 def test_bad_configurations_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

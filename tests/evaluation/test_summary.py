@@ -25,6 +25,7 @@ def test_robust_needs_every_vote_on_both_the_clean_and_the_attacked_image():
     assert row["clean"]["correct"] == 2 and row["robust"]["correct"] == 1
     assert row["clean_majority"]["correct"] == 3 and row["robust_majority"]["correct"] == 3
     assert row["robust"]["accuracy"] == 25.0 and row["robust"]["ci95"][0] < 25.0 < row["robust"]["ci95"][1]
+    assert row["clean_per_vote"] == pytest.approx(200 / 3) and row["attacked_per_vote"] == pytest.approx(200 / 3)
     text = markdown(summary, {"defense": "diffpure", "attack": "pgd-eot", "norm": "linf", "votes": 3})
     assert "| 7.65/255 | 50.00% [" in text and "25.00% [" in text
 

@@ -8,41 +8,7 @@ from torch import nn
 import rdp_core
 from rdp_core.sampling import SOLVERS, StepNoise, make_solver
 from rdp_core.sampling.adjoint import checkpointed_solve, default_checkpoint_every
-
-
-class TinyEps(nn.Module):
-    """A small nonlinear, time-conditioned epsilon model (float64): every step has a non-trivial Jacobian."""
-
-    def __init__(self, channels=2, hidden=6, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv_in = nn.Conv2d(channels, hidden, 3, padding=1).double()
-        self.time = nn.Linear(1, hidden).double()
-        self.conv_out = nn.Conv2d(hidden, channels, 3, padding=1).double()
-        with torch.no_grad():
-            self.conv_in.weight.mul_(4.0)  # tanh well inside its curved range: Jacobians vary with the state
-        self.requires_grad_(False)
-
-    def forward(self, x, t):
-        h = torch.tanh(self.conv_in(x) + self.time(t[:, None].to(x.dtype))[:, :, None, None])
-        return self.conv_out(h) + 0.3 * x
-
-
-def images(n=3, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, 2, 4, 4, generator=gen, dtype=torch.float64) * 0.8 + 0.1)
-
-
-def input_gradient(x, weights, **purify_args):
-    x = x.clone().requires_grad_(True)
-    out = rdp_core.purify(x, generator=torch.Generator().manual_seed(3), **purify_args)
-    (grad,) = torch.autograd.grad((out * weights).sum(), x)
-    return out.detach(), grad
-
-
-def assert_relative_close(actual, expected, tol):
-    error = (actual - expected).norm() / expected.norm()
-    assert error < tol, f"relative error {error:.3g} >= {tol}"
+from tiny_models import TinyEps, assert_relative_close, images, input_gradient
 
 
 SOLVER_RUNS = [("sde", 0.05, 9), ("ode", 0.05, 9), ("ode-heun", 0.05, 9), ("ddpm", 0.03, 11), ("ddim", 0.03, 11)]

@@ -1,0 +1,159 @@
+"""Guided purification: the mechanism, the objectives, and exact gradients through them."""
+import pytest
+import torch
+
+import rdp_core
+from rdp_core.guidance import (AdversarialGuidance, GuidedEps, PixelGuidance, guidance_draw, make_guidance,
+                               ssim)
+from rdp_core.models.classifiers import CifarResNet
+from rdp_core.sampling import DIFFUSION_DRAW, VP, StepNoise
+from tiny_models import TinyEps, assert_relative_close, images, input_gradient
+
+
+def auxiliary_network(seed=0):
+    torch.manual_seed(seed)
+    network = CifarResNet(8).double()
+    for module in network.modules():  # random BatchNorm statistics, so eval mode is not the identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    return network.eval().requires_grad_(False)
+
+
+GUIDANCES = {
+    "gdmp-mse-x_t": lambda: PixelGuidance(scale=30.0),
+    "gdmp-ssim-x0": lambda: PixelGuidance(distance="ssim", on="x0", scale=3.0, schedule="constant"),
+    "agdm-x0": lambda: AdversarialGuidance(auxiliary_network(), layer="layer2", lam=0.5, scale=20.0),
+    "agdm-x_t-classifier-only": lambda: AdversarialGuidance(auxiliary_network(), latent=False, on="x_t", scale=20.0),
+}
+
+
+def rgb_images(n=2, seed=1):
+    return images(n=n, seed=seed, channels=3, size=8)
+
+
+@pytest.mark.parametrize("solver, t_star, steps", [("sde", 0.05, 6), ("ode-heun", 0.05, 4), ("ddpm", 0.03, 5),
+                                                   ("ddim", 0.03, 5)])
+@pytest.mark.parametrize("name", list(GUIDANCES))
+def test_guided_adjoint_equals_unrolled_autograd_in_float64(name, solver, t_star, steps):
+    x, model, guidance = rgb_images(), TinyEps(channels=3), GUIDANCES[name]()
+    weights = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    args = dict(t_star=t_star, model=model, solver=solver, steps=steps, clip=False, guidance=guidance)
+    out_autograd, grad_autograd = input_gradient(x, weights, grad="autograd", **args)
+    out_adjoint, grad_adjoint = input_gradient(x, weights, grad="adjoint", checkpoint_every=2, **args)
+    assert torch.equal(out_adjoint, out_autograd)
+    assert_relative_close(grad_adjoint, grad_autograd, 1e-10)
+
+
+@pytest.mark.parametrize("name", ["gdmp-mse-x_t", "agdm-x0"])
+def test_gradient_includes_the_guidance_reading_the_input(name):
+    # The input enters twice: through the diffused start state and through the guidance at every step. An
+    # attack that saw only the first would see a different (weaker) gradient.
+    x, model, guidance = rgb_images(), TinyEps(channels=3), GUIDANCES[name]()
+    weights = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    args = dict(t_star=0.05, model=model, steps=6, clip=False)
+    _, full = input_gradient(x, weights, grad="adjoint", guidance=guidance, **args)
+
+    class DetachedReference(type(guidance)):
+        def prepare(self, x_in):
+            return tuple(r.detach() for r in super().prepare(x_in))
+
+    guidance.__class__ = DetachedReference
+    _, start_only = input_gradient(x, weights, grad="autograd", guidance=guidance, **args)
+    assert (full - start_only).norm() > 1e-3 * full.norm()
+
+
+def test_guided_gradient_matches_central_finite_differences():
+    x, model = rgb_images(n=1), TinyEps(channels=3)
+    guidance = AdversarialGuidance(auxiliary_network(), layer="layer1", lam=1.0, scale=20.0)
+    direction = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    weights = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+
+    def loss(images):
+        out = rdp_core.purify(images, 0.05, model=model, steps=5, clip=False, guidance=guidance,
+                              generator=torch.Generator().manual_seed(3))
+        return (out * weights).sum()
+
+    leaf = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(leaf), leaf)
+    h = 1e-6  # small: the auxiliary network's ReLUs and argmax label make the map only piecewise smooth
+    with torch.no_grad():
+        numeric = (loss(x + h * direction) - loss(x - h * direction)) / (2 * h)
+    assert abs((grad * direction).sum().item() - numeric.item()) < 1e-6 * abs(numeric.item())
+
+
+def test_guided_eps_is_the_score_shifted_by_the_scaled_objective_gradient():
+    # MSE on x_t with a constant scale a: eps - sigma * a * grad(-mean((x - x_in_t)^2)) = eps - sigma a 2 (x_in_t - x) / D
+    x_in, model = rgb_images() * 2 - 1, TinyEps(channels=3)
+    noise = StepNoise(x_in.shape, seed=7, dtype=torch.float64)
+    guidance = PixelGuidance(scale=5.0, schedule="constant")
+    x = torch.randn(x_in.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    t = torch.full((len(x),), 0.04, dtype=torch.float64)
+    alpha_bar, sigma = VP.alpha_bar(t).view(-1, 1, 1, 1), VP.sigma(t).view(-1, 1, 1, 1)
+    target = alpha_bar.sqrt() * x_in + (1 - alpha_bar).sqrt() * noise(guidance_draw(3))
+    expected = model(x, t) - sigma * 5.0 * 2 * (target - x) / x[0].numel()
+    with torch.no_grad():
+        actual = GuidedEps(model, guidance, guidance.prepare(x_in), noise, 3)(x, t)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    assert guidance_draw(3) != DIFFUSION_DRAW and guidance_draw(3) < 0
+
+
+def test_pixel_guidance_pulls_the_purified_image_towards_the_input():
+    x, model = rgb_images(n=4), TinyEps(channels=3)
+    distances = {}
+    for scale in (0.0, 300.0):
+        out = rdp_core.purify(x, 0.2, model=model, steps=20, clip=False, grad="none", guidance="gdmp",
+                              guidance_options={"scale": scale}, generator=torch.Generator().manual_seed(1))
+        distances[scale] = (out - x).pow(2).mean().item()
+    assert distances[300.0] < 0.8 * distances[0.0]
+
+
+def test_zero_scale_is_plain_purification():
+    x, model = rgb_images(), TinyEps(channels=3)
+    args = dict(model=model, steps=6, grad="none", generator=torch.Generator().manual_seed(1))
+    plain = rdp_core.purify(x, 0.05, **args)
+    args["generator"] = torch.Generator().manual_seed(1)
+    guided = rdp_core.purify(x, 0.05, guidance="gdmp", guidance_options={"scale": 0.0}, **args)
+    torch.testing.assert_close(guided, plain, rtol=0, atol=1e-15)
+
+
+def test_purifier_takes_guidance_and_moves_its_network():
+    network = auxiliary_network().float()
+    purifier = rdp_core.Purifier(torch.nn.Flatten(), TinyEps(channels=3).float(), 0.05, steps=3, guidance="agdm",
+                                 guidance_options={"network": network})
+    assert purifier.guidance_network is network
+    assert not purifier.train().guidance_network.training  # attack libraries call train(): BatchNorm stays put
+    assert purifier(rgb_images().float()).shape == (2, 3 * 8 * 8)
+
+
+def test_bad_guidance_is_explained():
+    with pytest.raises(ValueError, match="guidance must be None"):
+        make_guidance("pixel")
+    with pytest.raises(ValueError, match="need guidance="):
+        make_guidance(None, scale=3.0)
+    with pytest.raises(ValueError, match="schedule"):
+        PixelGuidance(schedule="linear")
+    with pytest.raises(ValueError, match="scale"):
+        PixelGuidance(scale=-1.0)
+    with pytest.raises(ValueError, match="'x_t' or"):
+        PixelGuidance(on="x_0")
+    with pytest.raises(ValueError, match="frozen"):
+        AdversarialGuidance(CifarResNet(8))
+    with pytest.raises(ValueError, match="no objective"):
+        AdversarialGuidance(auxiliary_network(), latent=False, lam=0.0)
+    with pytest.raises(ValueError, match="layer"):
+        auxiliary_network().representation(rgb_images(), "layer4")
+
+
+def test_ssim_is_one_for_identical_images_and_falls_with_noise():
+    a = rgb_images(n=2, seed=3)
+    torch.testing.assert_close(ssim(a, a), torch.ones(2, dtype=torch.float64))
+    noisy = a + 0.1 * torch.randn(a.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert (ssim(a, noisy) < 0.99).all()
+
+
+def test_representation_is_one_forward_of_the_classifier():
+    network, x = auxiliary_network(), rgb_images()
+    features, logits = network.representation(x, "layer3")
+    torch.testing.assert_close(logits, network(x))
+    assert features.shape == (2, 64, 2, 2)
