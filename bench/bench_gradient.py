@@ -21,7 +21,6 @@ runs out of GPU memory (plain autograd through 100 steps at batch 64) is skipped
 """
 import contextlib
 import functools
-import math
 
 import pytest
 import torch
@@ -34,6 +33,7 @@ from rdp_core.models.classifiers import CifarResNet
 from rdp_core.models.ncsnpp import CIFAR10_DDPMPP, NCSNpp, ScoreSDEEpsModel
 from rdp_core.sampling import DIFFUSION_DRAW, VP, StepNoise, make_solver
 from rdp_core.train import CPU_MODEL
+from diffpure_sde import torchsde_purify
 
 T_STAR = 0.1
 PROVIDERS = ["torchsde-adjoint", "autograd", "checkpoint-per-step", "rdp-adjoint", "no-grad-purify"]
@@ -84,41 +84,12 @@ def _no_grad_purify(model, classifier, x, y):
         return rdp_core.purify(x, T_STAR, model=model, grad="none", generator=torch.Generator().manual_seed(1))
 
 
-class _DiffPureReverseSDE(torch.nn.Module):
-    """DiffPure's RevVPSDE for torchsde: the reverse VP-SDE in flipped time s = 1 - t, flattened state."""
-
-    noise_type, sde_type = "diagonal", "ito"
-
-    def __init__(self, model, shape):
-        super().__init__()
-        self.model, self.shape = model, shape
-
-    def f(self, s, y):
-        t = 1.0 - s
-        beta = VP.beta(t)
-        eps = self.model(y.view(self.shape), t.expand(self.shape[0])).flatten(1)
-        score = -eps / VP.sigma(t)
-        return 0.5 * beta * y + beta * score  # minus the reverse-time drift, for the flipped time
-
-    def g(self, s, y):
-        return torch.sqrt(VP.beta(1.0 - s)).expand_as(y)
-
-
 def _torchsde_adjoint(model, classifier, x, y):
     torchsde = pytest.importorskip("torchsde")
     model.requires_grad_(True)  # as in DiffPure: the adjoint also integrates the weights' gradients
     try:
         x = x.clone().requires_grad_(True)
-        t0, t1 = 1.0 - T_STAR, 1.0 - 1e-5
-        alpha_bar = VP.alpha_bar(T_STAR)
-        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
-        x_t = (x * 2 - 1) * math.sqrt(alpha_bar) + z * math.sqrt(1 - alpha_bar)
-        sde = _DiffPureReverseSDE(model, tuple(x.shape))
-        flat = x_t.flatten(1)
-        bm = torchsde.BrownianInterval(t0=t0, t1=t1, size=flat.shape, device=x.device)
-        ys = torchsde.sdeint_adjoint(sde, flat, torch.tensor([t0, t1], device=x.device), method="euler", dt=1e-3,
-                                     bm=bm)
-        out = ((ys[-1].view(x.shape) + 1) * 0.5).clamp(0, 1)
+        out = torchsde_purify(torchsde, model, x, T_STAR, adjoint=True)
         return torch.autograd.grad(_loss(classifier, out, y), x)[0]
     finally:
         model.requires_grad_(False)

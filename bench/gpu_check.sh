@@ -2,7 +2,7 @@
 # The GPU checks of the kernels and adjoint issues in one device call: the kernel and whole-model tests on
 # CUDA, then the GPU benchmarks, each step under its own time limit so one slow step cannot eat the lease.
 #   bash bench/gpu_check.sh        (logs and pytest-benchmark JSON go to $OUT)
-#   STEPS="gn attn" bash bench/gpu_check.sh   (a subset; steps: tests gn attn grad, or a bench name like model)
+#   STEPS="gn attn" bash bench/gpu_check.sh   (a subset; steps: tests gn attn grad purify, or a bench name like model)
 # torchsde is not on the lent machines: carry its wheels, fetched here into the git-ignored .whl/ with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl torchsde==0.2.6 trampoline==0.1.2
 # Durations seen on an H200 (2026-11-27): gn about 75 s without torch.compile and 70 s more for its fp16
@@ -34,8 +34,10 @@ BENCH=("${PYTEST[@]}" --benchmark-only --benchmark-group-by=group --benchmark-co
 STEPS=${STEPS:-tests gn attn grad}
 for s in $STEPS; do case $s in
   # -v names each test as it runs and pytest-timeout (on the lent machines) stops one that hangs.
-  tests) step 240 "${PYTEST[@]}" -v --timeout=60 tests/kernels/test_models_on_gpu.py tests/kernels \
-        --junitxml="$OUT/tests.xml" ;;
+  tests) step 240 "${PYTEST[@]}" -v --timeout=60 tests/kernels/test_models_on_gpu.py tests/sampling/test_graphs.py \
+        tests/kernels --junitxml="$OUT/tests.xml" ;;
+  purify) step 300 "${BENCH[@]}" bench/bench_purify.py -k gpu --benchmark-min-rounds=3 \
+        --benchmark-json="$OUT/bench-purify.json" ;;
   gn) step 150 "${BENCH[@]}" bench/bench_group_norm_silu.py -k gpu \
         --benchmark-warmup=on --benchmark-max-time=0.25 --benchmark-json="$OUT/bench-gn.json" ;;
   attn) step 120 "${BENCH[@]}" bench/bench_attention.py -k gpu \

@@ -17,13 +17,15 @@ from rdp_core.models.default import default_eps_model_for, load_default_eps_mode
 from rdp_core.sampling import DIFFUSION_DRAW, VP, StepNoise, make_solver
 from rdp_core.guidance import GuidedEps, make_guidance
 from rdp_core.sampling.adjoint import checkpointed_solve, progress_range, warn_if_trainable
+from rdp_core.sampling.graphs import graphed_solve, graphs_wanted
+from rdp_core.sampling.precision import with_precision
 
 GRAD_MODES = ("adjoint", "autograd", "bpda", "none")
 
 
 def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=None, clip=True, progress=False,
-           grad="adjoint", checkpoint_every=None, schedule=VP, guidance=None, guidance_options=None,
-           **solver_options):
+           grad="adjoint", checkpoint_every=None, schedule=VP, guidance=None, guidance_options=None, graphs=None,
+           precision="fp32", **solver_options):
     """Purified copy of the images `x` (float, NCHW, values in [0, 1]): same shape, dtype and device.
 
     t_star: diffusion time in (0, 1] (0.1 is DiffPure's CIFAR-10 setting).
@@ -44,6 +46,10 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
         adversarial guidance with the shipped auxiliary network) or a rdp_core.guidance.Guidance; its
         options (scale, schedule, on, layer, lam, ...) in guidance_options. Every solver and every grad mode
         takes it; the adjoint and autograd differentiate through it, including its reading of x at every step.
+    graphs: replay the reverse solve as a captured CUDA graph (rdp_core.sampling.graphs) where no gradient
+        is needed and there is no guidance; None: on CUDA unless RDP_CORE_DISABLE_GRAPHS=1. Same result.
+    precision: "fp32", or "bf16" / "fp16" for the score model's convolutions and matmuls (autocast) with the
+        sampler's state in float32 (rdp_core.sampling.precision).
     """
     check_images(x)
     check_grad_mode(grad)
@@ -51,9 +57,13 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
     if model is None:
         model = default_eps_model_for(x, t_star)
     check_model_device(model, x)
+    model = with_precision(model, precision)
     guide = make_guidance(guidance, x.device, **(guidance_options or {}))
+    if graphs and guide is not None:
+        raise ValueError("graphs=True: guided purification is not graph-captured yet; use graphs=None or False")
     run = functools.partial(_purified, model=model, reverse=reverse, schedule=schedule, generator=generator,
-                            clip=clip, progress=progress, guidance=guide)
+                            clip=clip, progress=progress, guidance=guide,
+                            graphs=guide is None and graphs_wanted(x, graphs))
     if grad in ("bpda", "none") or not torch.is_grad_enabled():
         with torch.no_grad():
             out = run(x.detach(), grad="autograd", checkpoint_every=None)
@@ -61,7 +71,7 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
     return run(x, grad=grad, checkpoint_every=checkpoint_every)
 
 
-def _purified(x, *, model, reverse, schedule, generator, clip, progress, grad, checkpoint_every, guidance):
+def _purified(x, *, model, reverse, schedule, generator, clip, progress, grad, checkpoint_every, guidance, graphs):
     x_in, x_t, noise = _diffused_state(x, reverse, schedule, generator)
     reference = guidance.prepare(x_in) if guidance is not None else ()
 
@@ -73,6 +83,8 @@ def _purified(x, *, model, reverse, schedule, generator, clip, progress, grad, c
         warn_if_trainable(model)
         x_0 = checkpointed_solve(step, x_t, reverse.num_steps, context=reference, every=checkpoint_every,
                                  progress=progress)
+    elif graphs and not torch.is_grad_enabled():
+        x_0 = graphed_solve(model, reverse, x_t)(x_t, noise)
     else:
         x_0 = x_t
         for i in progress_range(reverse.num_steps, progress, type(reverse).__name__):
@@ -112,7 +124,7 @@ class Purifier(nn.Module):
 
     def __init__(self, classifier, model=None, t_star=0.1, *, solver="sde", steps=None, generator=None, clip=True,
                  grad="adjoint", checkpoint_every=None, schedule=VP, guidance=None, guidance_options=None,
-                 **solver_options):
+                 graphs=None, precision="fp32", **solver_options):
         super().__init__()
         if model is None:
             model = load_default_eps_model()
@@ -122,6 +134,9 @@ class Purifier(nn.Module):
         self.guidance = make_guidance(guidance, _device_of(model), **(guidance_options or {}))
         # Registered as a submodule, so that moving the Purifier moves the auxiliary network too.
         self.guidance_network = getattr(self.guidance, "network", None)
+        self.graphs = graphs
+        with_precision(model, precision)  # rejects an unknown precision now
+        self.precision = precision
         self.grad = grad
         self.checkpoint_every = checkpoint_every
         self.classifier = classifier
@@ -138,7 +153,7 @@ class Purifier(nn.Module):
         return purify(x, self.t_star, model=self.model, solver=self.solver, steps=self.steps,
                       generator=generator or self.generator, clip=self.clip, grad=self.grad,
                       checkpoint_every=self.checkpoint_every, schedule=self.schedule, guidance=self.guidance,
-                      **self.solver_options)
+                      graphs=self.graphs, precision=self.precision, **self.solver_options)
 
     def train(self, mode=True):
         """Sets the classifier's mode; the guidance network stays in eval mode (its BatchNorm statistics are
