@@ -188,7 +188,7 @@ GUIDANCE_FLAGS = {
 def _add_guidance_options(p):
     g = p.add_argument_group("guidance (--defense gdmp or agdm)")
     g.add_argument("--guidance-scale", type=float, default=None,
-                   help="scale a of the guidance (defaults: GDMP's CIFAR-10 setting 28687.5; agdm 1000)")
+                   help="scale a of the guidance (defaults: GDMP's CIFAR-10 setting 28687.5; agdm 100)")
     g.add_argument("--guidance-schedule", choices=SCHEDULES, default=None,
                    help="gdmp: a * sigma(t) / sqrt(alpha_bar(t)) (GDMP's; default for gdmp); constant: a "
                         "(default for agdm)")

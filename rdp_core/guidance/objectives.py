@@ -81,7 +81,7 @@ class AdversarialGuidance(_Scaled):
     The latent distance is the mean over the representation's elements, per image.
     """
 
-    def __init__(self, network, layer="pool", lam=1.0, latent=True, on="x0", scale=1000.0, schedule="constant",
+    def __init__(self, network, layer="pool", lam=1.0, latent=True, on="x0", scale=100.0, schedule="constant",
                  noise_schedule=VP):
         super().__init__(scale, schedule, noise_schedule)
         if not latent and lam == 0:
