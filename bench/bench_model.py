@@ -3,24 +3,32 @@
     pytest bench/bench_model.py --benchmark-only --benchmark-group-by=group
 
 Random weights (the time does not depend on their values), eval mode, no gradients, batch 8 on the CPU
-and 64 on a GPU. Providers, side by side on one model object:
+and 64 on a GPU. Providers, side by side, each on its own copy of one model:
 
-- torch-eager: the same modules with RDP_CORE_BACKEND=torch, i.e. stock F.group_norm, F.silu and torch's
-  scaled_dot_product_attention: what the model costs written in plain torch.
-- rdp: backend="auto", the engine's path (the C++ ops on the CPU, the Triton kernels on a GPU).
+- torch-eager: the modules with RDP_CORE_BACKEND=torch (stock F.group_norm, F.silu and torch's
+  scaled_dot_product_attention) in NCHW memory: what the model costs written in plain torch.
+- torch-eager-channels-last (CPU): the same stock ops on a channels-last model, the layout change alone.
+- rdp: the engine's path: backend="auto" (the C++ ops on the CPU, the Triton kernels on a GPU) and the
+  model in rdp_core.models.engine_layout (channels-last on the CPU), as the default model is loaded.
+- rdp-bf16 (CPU): the same under bfloat16 autocast, what purify(..., precision="bf16") runs; a different
+  (less precise) result, so not a substitute for the float32 rows.
 - torch-compile (GPU only): torch.compile of the torch-eager model, the alternative a GPU user would pick.
 
 extra_info holds the images per second.
 """
+import contextlib
+import copy
 import functools
 
 import pytest
 import torch
 
+from rdp_core.models.layout import engine_layout
 from rdp_core.models.ncsnpp import CIFAR10_DDPMPP, NCSNpp
 
 CPU_BATCH, GPU_BATCH = 8, 64
-PROVIDERS = ["torch-eager", "rdp", "torch-compile"]
+PROVIDERS = ["torch-eager", "torch-eager-channels-last", "rdp", "rdp-bf16", "torch-compile"]
+CPU_ONLY, GPU_ONLY = ("torch-eager-channels-last", "rdp-bf16"), ("torch-compile",)
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,8 +41,14 @@ def _model(device):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(device):
-    return torch.compile(_model(device))
+def _provider_model(device, provider):
+    if provider == "torch-eager":
+        return _model(device)
+    if provider == "torch-compile":
+        return torch.compile(_model(device))
+    if provider == "torch-eager-channels-last":
+        return copy.deepcopy(_model(device)).to(memory_format=torch.channels_last)
+    return engine_layout(copy.deepcopy(_model(device)))  # rdp, rdp-bf16
 
 
 def _devices():
@@ -44,9 +58,11 @@ def _devices():
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("device", _devices())
 def test_ddpmpp_cifar10_forward(timed, benchmark, monkeypatch, device, provider):
-    if provider == "torch-compile" and device == "cpu":
+    if provider in GPU_ONLY and device == "cpu":
         pytest.skip("torch.compile is compared on the GPU only (its CPU inductor build takes minutes here)")
-    if provider != "rdp":
+    if provider in CPU_ONLY and device != "cpu":
+        pytest.skip("a CPU-only provider (the GPU rows are torch-eager, rdp and torch-compile)")
+    if not provider.startswith("rdp"):
         monkeypatch.setenv("RDP_CORE_BACKEND", "torch")
     device = torch.device(device)
     batch = CPU_BATCH if device.type == "cpu" else GPU_BATCH
@@ -54,10 +70,10 @@ def test_ddpmpp_cifar10_forward(timed, benchmark, monkeypatch, device, provider)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
     t = (torch.rand(batch, generator=gen) * 100).to(device)
-    model = _compiled(device) if provider == "torch-compile" else _model(device)
-    with torch.no_grad():
+    model = _provider_model(device, provider)
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16) if provider == "rdp-bf16" else contextlib.nullcontext()
+    with torch.no_grad(), bf16:
         model(x, t)  # warm-up: kernel compilation, allocator, oneDNN primitive caches
         seconds = timed(lambda: model(x, t), device, provider=provider, batch=batch)
     if seconds is not None:
         benchmark.extra_info["images/s"] = batch / seconds
-

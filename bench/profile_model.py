@@ -2,9 +2,10 @@
 
     python bench/profile_model.py [--device cpu|cuda] [--batch 8]
 
-The same model as bench/bench_model.py (score_sde's config, random weights, eval, no gradients), profiled
-once per backend after a warm-up. It says how much of a forward the fused ops can touch at all: the rest is
-convolutions and matrix products, which both backends hand to the same library.
+The models of bench/bench_model.py (score_sde's config, random weights, eval, no gradients), profiled
+once per provider (torch-eager in NCHW, rdp in the engine's layout) after a warm-up. It says how much of a
+forward the fused ops can touch at all: the rest is convolutions and matrix products, which both providers
+hand to the same library (the layout changes how fast that library runs them).
 """
 import argparse
 import os
@@ -15,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import _model  # noqa: E402  (one model definition for the benchmark and this profile)
+from bench_model import _provider_model  # noqa: E402  (the benchmark's models, layouts included)
 
 KINDS = {  # first match wins; names are torch's and rdp_core's autograd.Function / op names
     "convolution": ("conv",),
@@ -54,16 +55,15 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
     device = torch.device(args.device)
-    model = _model(device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32, generator=gen).to(device)
     t = (torch.rand(args.batch, generator=gen) * 100).to(device)
     print(f"DDPM++ CIFAR-10 forward, batch {args.batch}, {device.type}, {torch.get_num_threads()} threads")
-    for backend in ("torch", "auto"):
+    for provider, backend in (("torch-eager", "torch"), ("rdp", "auto")):
         os.environ["RDP_CORE_BACKEND"] = backend
-        shares = profile_forward(model, x, t, device)
+        shares = profile_forward(_provider_model(device, provider), x, t, device)
         total = sum(shares.values())
-        print(f"\nbackend {backend}: {total / 1e3:.1f} ms of op self time")
+        print(f"\n{provider} (backend {backend}): {total / 1e3:.1f} ms of op self time")
         for kind, time_us in sorted(shares.items(), key=lambda item: -item[1]):
             print(f"  {kind:<50} {time_us / 1e3:9.1f} ms  {100 * time_us / total:5.1f}%")
 

@@ -43,19 +43,25 @@ py::buffer_info optional_float_buffer(const py::object& buffer, const char* name
   return float_buffer(buffer.cast<py::buffer>(), name, count, false);
 }
 
-// (N, C, HW) of an (N, C, *spatial) buffer: any number of spatial dims, flattened; none means HW = 1.
-std::array<int64_t, 3> batch_channels_spatial(const py::buffer_info& x) {
+// (N, C, HW) of an (N, C, *spatial) buffer, or of an (N, *spatial, C) one when channels_last: any number of
+// spatial dims, flattened; none means HW = 1.
+std::array<int64_t, 3> batch_channels_spatial(const py::buffer_info& x, bool channels_last) {
   if (x.ndim < 2) {
-    throw py::value_error("x: expected shape (N, C, *spatial), got " + std::to_string(x.ndim) + " dimension(s)");
+    throw py::value_error(std::string("x: expected shape ") + (channels_last ? "(N, *spatial, C)" : "(N, C, *spatial)") +
+                          ", got " + std::to_string(x.ndim) + " dimension(s)");
   }
+  const py::ssize_t channel_dim = channels_last ? x.ndim - 1 : 1;
   int64_t spatial = 1;
-  for (py::ssize_t d = 2; d < x.ndim; ++d) spatial *= x.shape[d];
-  return {static_cast<int64_t>(x.shape[0]), static_cast<int64_t>(x.shape[1]), spatial};
+  for (py::ssize_t d = 1; d < x.ndim; ++d) {
+    if (d != channel_dim) spatial *= x.shape[d];
+  }
+  return {static_cast<int64_t>(x.shape[0]), static_cast<int64_t>(x.shape[channel_dim]), spatial};
 }
 
 // Checks x's shape and group split for the binding `op`; returns x's (N, C, HW).
-std::array<int64_t, 3> group_norm_sizes(const py::buffer_info& x, int64_t num_groups, const char* op) {
-  const auto sizes = batch_channels_spatial(x);
+std::array<int64_t, 3> group_norm_sizes(const py::buffer_info& x, int64_t num_groups, bool channels_last,
+                                        const char* op) {
+  const auto sizes = batch_channels_spatial(x, channels_last);
   const auto [n, channels, spatial] = sizes;
   if (channels < 1 || num_groups < 1 || channels % num_groups != 0) {
     throw py::value_error(std::string(op) + ": " + std::to_string(channels) + " channels cannot be split into " +
@@ -85,16 +91,16 @@ struct GroupNormInputs {
 
 void read_group_norm_inputs(GroupNormInputs& in, const py::buffer& x, const py::object& weight,
                             const py::object& bias, const py::object& scale, const py::object& shift,
-                            int64_t num_groups, bool silu, const char* op) {
+                            int64_t num_groups, bool silu, bool channels_last, const char* op) {
   in.x = x.request();
-  const auto [n, channels, spatial] = group_norm_sizes(in.x, num_groups, op);
+  const auto [n, channels, spatial] = group_norm_sizes(in.x, num_groups, channels_last, op);
   in.weight = optional_float_buffer(weight, "weight", channels);
   in.bias = optional_float_buffer(bias, "bias", channels);
   in.scale = optional_float_buffer(scale, "scale", n * channels);
   in.shift = optional_float_buffer(shift, "shift", n * channels);
   in.args = {static_cast<const float*>(in.x.ptr), static_cast<const float*>(in.weight.ptr),
              static_cast<const float*>(in.bias.ptr), static_cast<const float*>(in.scale.ptr),
-             static_cast<const float*>(in.shift.ptr), n, channels, spatial, num_groups, silu};
+             static_cast<const float*>(in.shift.ptr), n, channels, spatial, num_groups, silu, channels_last};
 }
 
 float* optional_output(const py::object& buffer, const char* name, int64_t count, py::buffer_info& info) {
@@ -105,9 +111,9 @@ float* optional_output(const py::object& buffer, const char* name, int64_t count
 
 void group_norm_act_fwd(const py::buffer& x, const py::object& weight, const py::object& bias,
                         const py::object& scale, const py::object& shift, const py::buffer& y, const py::buffer& mean,
-                        const py::buffer& rstd, int64_t num_groups, double eps, bool silu) {
+                        const py::buffer& rstd, int64_t num_groups, double eps, bool silu, bool channels_last) {
   GroupNormInputs in;
-  read_group_norm_inputs(in, x, weight, bias, scale, shift, num_groups, silu, "group_norm_act_fwd");
+  read_group_norm_inputs(in, x, weight, bias, scale, shift, num_groups, silu, channels_last, "group_norm_act_fwd");
   const py::buffer_info y_info = like_x(y, "y", in.x, true);
   const py::buffer_info mean_info = float_buffer(mean, "mean", in.args.n * num_groups, true);
   const py::buffer_info rstd_info = float_buffer(rstd, "rstd", in.args.n * num_groups, true);
@@ -118,16 +124,16 @@ void group_norm_act_fwd(const py::buffer& x, const py::object& weight, const py:
 
 void group_norm_silu_fwd(const py::buffer& x, const py::object& weight, const py::object& bias, const py::buffer& y,
                          const py::buffer& mean, const py::buffer& rstd, int64_t num_groups, double eps) {
-  group_norm_act_fwd(x, weight, bias, py::none(), py::none(), y, mean, rstd, num_groups, eps, true);
+  group_norm_act_fwd(x, weight, bias, py::none(), py::none(), y, mean, rstd, num_groups, eps, true, false);
 }
 
 void group_norm_act_bwd(const py::buffer& x, const py::object& weight, const py::object& bias,
                         const py::object& scale, const py::object& shift, const py::buffer& mean,
                         const py::buffer& rstd, const py::buffer& grad_y, const py::buffer& grad_x,
                         const py::object& grad_weight, const py::object& grad_bias, const py::object& grad_scale,
-                        const py::object& grad_shift, int64_t num_groups, bool silu) {
+                        const py::object& grad_shift, int64_t num_groups, bool silu, bool channels_last) {
   GroupNormInputs in;
-  read_group_norm_inputs(in, x, weight, bias, scale, shift, num_groups, silu, "group_norm_act_bwd");
+  read_group_norm_inputs(in, x, weight, bias, scale, shift, num_groups, silu, channels_last, "group_norm_act_bwd");
   const int64_t n = in.args.n, channels = in.args.channels;
   const py::buffer_info mean_info = float_buffer(mean, "mean", n * num_groups, false);
   const py::buffer_info rstd_info = float_buffer(rstd, "rstd", n * num_groups, false);
@@ -219,15 +225,16 @@ PYBIND11_MODULE(_C, m) {
         "and the (N * num_groups) per-group mean and 1/std.");
   m.def("group_norm_act_fwd", &group_norm_act_fwd, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("scale"), py::arg("shift"), py::arg("y"), py::arg("mean"), py::arg("rstd"), py::arg("num_groups"),
-        py::arg("eps"), py::arg("silu"),
+        py::arg("eps"), py::arg("silu"), py::arg("channels_last") = false,
         "y = act((group_norm(x) * weight + bias) * (1 + scale) + shift), act = silu if `silu` else the identity; "
-        "weight, bias (C,) and scale, shift (N, C) may be None. Writes y and the (N * num_groups) mean and 1/std.");
+        "weight, bias (C,) and scale, shift (N, C) may be None. x and y are C-contiguous (N, C, *spatial), or "
+        "(N, *spatial, C) when channels_last. Writes y and the (N * num_groups) mean and 1/std.");
   m.def("group_norm_act_bwd", &group_norm_act_bwd, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("scale"), py::arg("shift"), py::arg("mean"), py::arg("rstd"), py::arg("grad_y"), py::arg("grad_x"),
         py::arg("grad_weight"), py::arg("grad_bias"), py::arg("grad_scale"), py::arg("grad_shift"),
-        py::arg("num_groups"), py::arg("silu"),
+        py::arg("num_groups"), py::arg("silu"), py::arg("channels_last") = false,
         "The VJP of group_norm_act_fwd given its mean and rstd: writes grad_x, and each parameter gradient whose "
-        "buffer is not None (grad_weight, grad_bias (C,); grad_scale, grad_shift (N, C)).");
+        "buffer is not None (grad_weight, grad_bias (C,); grad_scale, grad_shift (N, C)); layouts as the forward's.");
   m.def("attention_fwd", &attention_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
         "out = softmax(q k^T / sqrt(head_dim)) v for float32 (batch, heads, tokens, head_dim) buffers of any "
         "non-negative strides (out must not overlap itself or the inputs); writes the contiguous "

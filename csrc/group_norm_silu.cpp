@@ -217,9 +217,283 @@ void parameter_grads(const GroupNormArgs& args, const double* sums, float* grad_
   }
 }
 
+
+// ---- Channels-last layout: x is (n, spatial, channels), a group is a strided slice of every position. ----
+// Work is split into chunks of positions of one sample, each small enough to stay in L1 between the passes
+// that read it twice; per-chunk moments are merged per group in double (Chan et al.'s pairwise update), so
+// the statistics take one pass over memory, as in the NCHW kernel.
+
+// Positions per chunk: about 32 KiB of floats, at most 256 positions (float lanes sum at most that many).
+int64_t chunk_positions(int64_t channels) { return std::clamp<int64_t>(8192 / channels, 1, 256); }
+
+int64_t chunks_per_sample(const GroupNormArgs& args) {
+  const int64_t per_chunk = chunk_positions(args.channels);
+  return (args.spatial + per_chunk - 1) / per_chunk;
+}
+
+// Mean and sum of squared deviations of one group over one chunk.
+struct Moments {
+  double mean, m2;
+};
+
+// The moments of every group over positions [p0, p1) of one sample, two passes over the cache-resident chunk
+// with float lanes per channel: the first sums x minus the group's first value of the chunk (a shift that
+// keeps large means from cancelling), the second the squared deviations from the float32-rounded mean,
+// corrected for that rounding as in group_moments. scratch holds 2 * channels floats.
+RDP_CORE_ISA_CLONES
+void chunk_moments(const GroupNormArgs& args, int64_t sample, int64_t p0, int64_t p1, float* scratch, Moments* out) {
+  const int64_t channels = args.channels, per_group = channels / args.groups;
+  const float* __restrict x = args.x + sample * args.spatial * channels;
+  float* __restrict centre = scratch;
+  float* __restrict sums = scratch + channels;
+  for (int64_t c = 0; c < channels; ++c) {
+    centre[c] = x[p0 * channels + c / per_group * per_group];
+    sums[c] = 0.0f;
+  }
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* __restrict row = x + p * channels;
+    for (int64_t c = 0; c < channels; ++c) sums[c] += row[c] - centre[c];
+  }
+  const double count = static_cast<double>((p1 - p0) * per_group);
+  for (int64_t g = 0; g < args.groups; ++g) {
+    double total = 0.0;
+    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) total += sums[c];
+    out[g].mean = centre[g * per_group] + total / count;
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    centre[c] = static_cast<float>(out[c / per_group].mean);
+    sums[c] = 0.0f;
+  }
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* __restrict row = x + p * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      const float d = row[c] - centre[c];
+      sums[c] += d * d;
+    }
+  }
+  for (int64_t g = 0; g < args.groups; ++g) {
+    double squares = 0.0;
+    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) squares += sums[c];
+    const double rounding = out[g].mean - static_cast<double>(static_cast<float>(out[g].mean));
+    out[g].m2 = std::max(squares - count * rounding * rounding, 0.0);
+  }
+}
+
+// Merges the chunks' moments of group g of one sample into its mean and variance.
+void merge_moments(const GroupNormArgs& args, const Moments* chunks, int64_t num_chunks, int64_t g, double* mean,
+                   double* variance) {
+  const int64_t per_chunk = chunk_positions(args.channels), per_group = args.channels / args.groups;
+  double n = 0.0, m = 0.0, m2 = 0.0;
+  for (int64_t k = 0; k < num_chunks; ++k) {
+    const Moments& chunk = chunks[k * args.groups + g];
+    const double n_k = static_cast<double>((std::min(args.spatial, (k + 1) * per_chunk) - k * per_chunk) * per_group);
+    const double delta = chunk.mean - m;
+    n += n_k;
+    m += delta * n_k / n;
+    m2 += chunk.m2 + delta * delta * (n - n_k) * n_k / n;
+  }
+  *mean = m;
+  *variance = m2 / n;
+}
+
+// Per-channel factors of one sample for the normalisation pass: z = (x - centre) * a + b.
+struct ChannelFactors {
+  std::vector<float> centre, a, b;
+  explicit ChannelFactors(int64_t count) : centre(count), a(count), b(count) {}
+};
+
+// y over positions [p0, p1) of one sample; centre, a, b are that sample's per-channel factors.
+RDP_CORE_ISA_CLONES
+void normalize_chunk(const GroupNormArgs& args, int64_t sample, int64_t p0, int64_t p1, const float* centre,
+                     const float* a, const float* b, float* y) {
+  const int64_t channels = args.channels, offset = sample * args.spatial * channels;
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* __restrict row = args.x + offset + p * channels;
+    float* __restrict out = y + offset + p * channels;
+    if (args.silu) {
+      for (int64_t c = 0; c < channels; ++c) out[c] = silu((row[c] - centre[c]) * a[c] + b[c]);
+    } else {
+      for (int64_t c = 0; c < channels; ++c) out[c] = (row[c] - centre[c]) * a[c] + b[c];
+    }
+  }
+}
+
+void forward_channels_last(const GroupNormArgs& args, double eps, float* y, float* mean, float* rstd) {
+  const int64_t chunks = chunks_per_sample(args), per_chunk = chunk_positions(args.channels);
+  const int64_t tasks = args.n * chunks, channels = args.channels;
+  std::vector<Moments> moments(tasks * args.groups);
+#ifdef _OPENMP
+#pragma omp parallel
+#endif
+  {
+    std::vector<float> scratch(2 * channels);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t p0 = task % chunks * per_chunk;
+      chunk_moments(args, task / chunks, p0, std::min(args.spatial, p0 + per_chunk), scratch.data(),
+                    moments.data() + task * args.groups);
+    }
+  }
+  ChannelFactors factors(args.n * channels);
+  const int64_t per_group = channels / args.groups;
+  for (int64_t ng = 0; ng < args.n * args.groups; ++ng) {
+    const int64_t sample = ng / args.groups, g = ng % args.groups;
+    double m = 0.0, variance = 0.0;
+    merge_moments(args, moments.data() + sample * chunks * args.groups, chunks, g, &m, &variance);
+    const double r = 1.0 / std::sqrt(variance + eps);
+    const float m_f = static_cast<float>(m);
+    mean[ng] = m_f;
+    rstd[ng] = static_cast<float>(r);
+    const double rounding = m - static_cast<double>(m_f);  // as in forward_group
+    for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+      const ChannelAffine affine = channel_affine(args, sample, c);
+      const double a = r * affine.alpha;
+      const int64_t i = sample * channels + c;
+      factors.centre[i] = m_f;
+      factors.a[i] = static_cast<float>(a);
+      factors.b[i] = static_cast<float>(affine.beta - a * rounding);
+    }
+  }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static)
+#endif
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t sample = task / chunks, p0 = task % chunks * per_chunk, at = sample * channels;
+    normalize_chunk(args, sample, p0, std::min(args.spatial, p0 + per_chunk), factors.centre.data() + at,
+                    factors.a.data() + at, factors.b.data() + at, y);
+  }
+}
+
+// Per-channel inputs of the backward for one sample: x_hat = (x - centre) * rstd, z = x_hat * alpha + beta.
+struct BackwardFactors {
+  std::vector<float> centre, rstd, alpha, beta;
+  explicit BackwardFactors(int64_t count) : centre(count), rstd(count), alpha(count), beta(count) {}
+};
+
+// dz (into grad_x when there is a SiLU) over one position's channels, accumulating per-channel dz and dz * x_hat.
+template <bool kSiLU>
+RDP_CORE_INLINE void position_dz(const float* __restrict x, const float* __restrict grad_y, float* __restrict dz,
+                                 int64_t channels, const float* __restrict centre, const float* __restrict rstd,
+                                 const float* __restrict alpha, const float* __restrict beta,
+                                 float* __restrict sum_dz, float* __restrict sum_dz_xhat) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const float x_hat = (x[c] - centre[c]) * rstd[c];
+    const float d = kSiLU ? grad_y[c] * silu_grad(x_hat * alpha[c] + beta[c]) : grad_y[c];
+    if (kSiLU) dz[c] = d;
+    sum_dz[c] += d;
+    sum_dz_xhat[c] += d * x_hat;
+  }
+}
+
+// First backward pass over positions [p0, p1) of one sample: dz and the chunk's per-channel sums of dz and
+// dz * x_hat (float lanes, written as double into sums[2 c], sums[2 c + 1]).
+RDP_CORE_ISA_CLONES
+void chunk_dz_sums(const GroupNormArgs& args, int64_t sample, int64_t p0, int64_t p1, const BackwardFactors& f,
+                   const float* grad_y, float* grad_x, float* scratch, double* sums) {
+  const int64_t channels = args.channels, offset = sample * args.spatial * channels, at = sample * channels;
+  float* sum_dz = scratch;
+  float* sum_dz_xhat = scratch + channels;
+  std::fill(scratch, scratch + 2 * channels, 0.0f);
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t i = offset + p * channels;
+    if (args.silu) {
+      position_dz<true>(args.x + i, grad_y + i, grad_x + i, channels, f.centre.data() + at, f.rstd.data() + at,
+                        f.alpha.data() + at, f.beta.data() + at, sum_dz, sum_dz_xhat);
+    } else {
+      position_dz<false>(args.x + i, grad_y + i, grad_x + i, channels, f.centre.data() + at, f.rstd.data() + at,
+                         f.alpha.data() + at, f.beta.data() + at, sum_dz, sum_dz_xhat);
+    }
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    sums[2 * c] = sum_dz[c];
+    sums[2 * c + 1] = sum_dz_xhat[c];
+  }
+}
+
+// Second pass: grad_x = rstd * (dz * alpha - m1 - x_hat * m2), m1 and m2 the group means of dx_hat and
+// dx_hat * x_hat broadcast per channel; dz is grad_x itself with a SiLU and grad_y without.
+RDP_CORE_ISA_CLONES
+void chunk_grad_x(const GroupNormArgs& args, int64_t sample, int64_t p0, int64_t p1, const BackwardFactors& f,
+                  const float* m1, const float* m2, const float* grad_y, float* grad_x) {
+  const int64_t channels = args.channels, offset = sample * args.spatial * channels, at = sample * channels;
+  const float* __restrict centre = f.centre.data() + at;
+  const float* __restrict rstd = f.rstd.data() + at;
+  const float* __restrict alpha = f.alpha.data() + at;
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* __restrict x = args.x + offset + p * channels;
+    const float* dz = (args.silu ? grad_x : grad_y) + offset + p * channels;
+    float* out = grad_x + offset + p * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      const float x_hat = (x[c] - centre[c]) * rstd[c];
+      out[c] = rstd[c] * (dz[c] * alpha[c] - m1[c] - x_hat * m2[c]);
+    }
+  }
+}
+
+void backward_channels_last(const GroupNormArgs& args, const float* mean, const float* rstd, const float* grad_y,
+                            float* grad_x, double* parameter_sums) {
+  const int64_t chunks = chunks_per_sample(args), per_chunk = chunk_positions(args.channels);
+  const int64_t tasks = args.n * chunks, channels = args.channels, per_group = channels / args.groups;
+  BackwardFactors factors(args.n * channels);
+  for (int64_t i = 0; i < args.n * channels; ++i) {
+    const int64_t sample = i / channels, ng = sample * args.groups + i % channels / per_group;
+    const ChannelAffine affine = channel_affine(args, sample, i % channels);
+    factors.centre[i] = mean[ng];
+    factors.rstd[i] = rstd[ng];
+    factors.alpha[i] = affine.alpha;
+    factors.beta[i] = affine.beta;
+  }
+  std::vector<double> chunk_sums(tasks * 2 * channels);
+#ifdef _OPENMP
+#pragma omp parallel
+#endif
+  {
+    std::vector<float> scratch(2 * channels);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t p0 = task % chunks * per_chunk;
+      chunk_dz_sums(args, task / chunks, p0, std::min(args.spatial, p0 + per_chunk), factors, grad_y, grad_x,
+                    scratch.data(), chunk_sums.data() + task * 2 * channels);
+    }
+  }
+  // Per (sample, channel) sums over all chunks, then the group means m1, m2 broadcast per channel.
+  std::vector<double> sums(2 * args.n * channels, 0.0);
+  for (int64_t task = 0; task < tasks; ++task) {
+    const double* chunk = chunk_sums.data() + task * 2 * channels;
+    double* total = sums.data() + task / chunks * 2 * channels;
+    for (int64_t j = 0; j < 2 * channels; ++j) total[j] += chunk[j];
+  }
+  std::vector<float> m1(args.n * channels), m2(args.n * channels);
+  const double count = static_cast<double>(per_group * args.spatial);
+  for (int64_t ng = 0; ng < args.n * args.groups; ++ng) {
+    const int64_t first = ng * per_group;  // == sample * channels + g * per_group
+    double group_dz = 0.0, group_dz_xhat = 0.0;
+    for (int64_t i = first; i < first + per_group; ++i) {
+      group_dz += factors.alpha[i] * sums[2 * i];
+      group_dz_xhat += factors.alpha[i] * sums[2 * i + 1];
+    }
+    std::fill(m1.begin() + first, m1.begin() + first + per_group, static_cast<float>(group_dz / count));
+    std::fill(m2.begin() + first, m2.begin() + first + per_group, static_cast<float>(group_dz_xhat / count));
+  }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static)
+#endif
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t sample = task / chunks, p0 = task % chunks * per_chunk, at = sample * channels;
+    chunk_grad_x(args, sample, p0, std::min(args.spatial, p0 + per_chunk), factors, m1.data() + at, m2.data() + at,
+                 grad_y, grad_x);
+  }
+  if (parameter_sums) std::copy(sums.begin(), sums.end(), parameter_sums);
+}
+
 }  // namespace
 
 void group_norm_act_forward(const GroupNormArgs& args, double eps, float* y, float* mean, float* rstd) {
+  if (args.channels_last) return forward_channels_last(args, eps, y, mean, rstd);
 #ifdef _OPENMP  // without OpenMP the groups run in order on one thread
 #pragma omp parallel for schedule(static)
 #endif
@@ -233,6 +507,11 @@ void group_norm_act_backward(const GroupNormArgs& args, const float* mean, const
                              float* grad_shift) {
   const bool parameters = grad_weight || grad_bias || grad_scale || grad_shift;
   std::vector<double> sums(parameters ? 2 * args.n * args.channels : 0);
+  if (args.channels_last) {
+    backward_channels_last(args, mean, rstd, grad_y, grad_x, parameters ? sums.data() : nullptr);
+    if (parameters) parameter_grads(args, sums.data(), grad_weight, grad_bias, grad_scale, grad_shift);
+    return;
+  }
   const int64_t per_group = args.channels / args.groups;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static)

@@ -6,9 +6,11 @@
 
 namespace rdp_core {
 
-// x, y, grad_y, grad_x: (n, channels, spatial) contiguous; weight, bias: (channels) or nullptr for the
-// identity affine; scale, shift: (n, channels) or nullptr (guided-diffusion's scale-shift norm); mean, rstd:
-// (n, groups). Needs channels a multiple of groups and spatial >= 1: every group must be non-empty.
+// x, y, grad_y, grad_x: (n, channels, spatial) contiguous, or (n, spatial, channels) contiguous when
+// channels_last (torch's channels_last memory of an NCHW tensor, read in place); weight, bias: (channels) or
+// nullptr for the identity affine; scale, shift: (n, channels) or nullptr (guided-diffusion's scale-shift
+// norm); mean, rstd: (n, groups). Needs channels a multiple of groups and spatial >= 1: every group must be
+// non-empty.
 struct GroupNormArgs {
   const float* x;
   const float* weight;
@@ -17,6 +19,7 @@ struct GroupNormArgs {
   const float* shift;
   int64_t n, channels, spatial, groups;
   bool silu;
+  bool channels_last;
 };
 
 // Writes y and the per-group mean and 1/std (kept for the backward pass).

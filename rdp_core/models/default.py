@@ -10,13 +10,15 @@ from pathlib import Path
 
 
 from rdp_core.models.checkpoint import load_strict
+from rdp_core.models.layout import engine_layout
 from rdp_core.models.ncsnpp import DDPMppConfig, NCSNpp, ScoreSDEEpsModel
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "ddpmpp_cifar10_cpu.safetensors"
 
 
 def load_trained(path, device="cpu"):
-    """A frozen, eval-mode ScoreSDEEpsModel (float32) from a safetensors file written by rdp_core.train."""
+    """A frozen, eval-mode ScoreSDEEpsModel (float32) from a safetensors file written by rdp_core.train, in the
+    engine's memory layout for `device` (rdp_core.models.layout)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -31,7 +33,7 @@ def load_trained(path, device="cpu"):
     config = DDPMppConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     net = NCSNpp(config)
     load_strict(net, state, source=str(path))
-    model = ScoreSDEEpsModel(net).eval().requires_grad_(False).to(device)
+    model = engine_layout(ScoreSDEEpsModel(net).eval().requires_grad_(False).to(device))
     model.metadata = metadata
     model.trained_t_max = json.loads(metadata.get("train_config", "{}")).get("t_max", 1.0)
     return model

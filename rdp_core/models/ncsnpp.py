@@ -80,6 +80,13 @@ def timestep_embedding(timesteps, dim, max_positions=10000):
     return F.pad(embedding, (0, 1)) if dim % 2 else embedding
 
 
+def _rescaled_skip(x, h):
+    """(x + h) / sqrt(2), score_sde's rescaled skip connection, with the same rounding, computed in place in h: h
+    is a fresh convolution output that nothing else holds (a convolution's backward does not read its output),
+    so this saves an allocation and a pass over memory."""
+    return h.add_(x).div_(math.sqrt(2.0))
+
+
 class NIN(nn.Module):
     """A 1x1 convolution stored as score_sde stores it: W of shape (in, out) and b."""
 
@@ -89,7 +96,9 @@ class NIN(nn.Module):
         self.b = nn.Parameter(torch.zeros(num_units))
 
     def forward(self, x):
-        return torch.einsum("bchw,co->bohw", x, self.W) + self.b[:, None, None]
+        # The same product as score_sde's einsum, as a 1x1 convolution: it follows x's memory layout, and on the
+        # CPU oneDNN's convolution runs it about 2x faster than the float32 matmul einsum would call.
+        return F.conv2d(x, self.W.t()[:, :, None, None], self.b)
 
 
 class AttnBlockpp(nn.Module):
@@ -106,10 +115,11 @@ class AttnBlockpp(nn.Module):
     def forward(self, x):
         b, c, height, width = x.shape
         h = self.GroupNorm_0(x)
-        q, k, v = (nin(h).reshape(b, 1, c, height * width).transpose(-1, -2)
-                   for nin in (self.NIN_0, self.NIN_1, self.NIN_2))
-        h = attention(q, k, v).transpose(-1, -2).reshape(b, c, height, width)
-        return (x + self.NIN_3(h)) / math.sqrt(2.0)
+        # (N, 1, HW, C) token views of the channels-last NIN outputs, and the result back as a channels-last
+        # (N, C, H, W) view: no copies between the projections and the attention kernel.
+        q, k, v = (nin(h).flatten(2).transpose(1, 2).unsqueeze(1) for nin in (self.NIN_0, self.NIN_1, self.NIN_2))
+        h = attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, c, height, width)
+        return _rescaled_skip(x, self.NIN_3(h))
 
 
 class ResnetBlockBigGANpp(nn.Module):
@@ -144,7 +154,7 @@ class ResnetBlockBigGANpp(nn.Module):
         x = self._resample(x)
         if hasattr(self, "Conv_2"):
             x = self.Conv_2(x)
-        return (x + h) / math.sqrt(2.0)
+        return _rescaled_skip(x, h)
 
 
 class NCSNpp(nn.Module):

@@ -67,26 +67,41 @@ def group_norm_silu_torch(x, num_groups, weight=None, bias=None, eps=1e-5):
     return group_norm_act_torch(x, num_groups, weight, bias, eps, activation="silu")
 
 
+def _stored_channels_last(x):
+    """True for a 4-D x in channels-last memory that is not also plain contiguous: the C++ kernels then read it
+    in place as (N, H, W, C) instead of copying it to NCHW (a channels-last model would pay a copy per norm)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _cpp_layout(x):
+    """x in the memory layout the C++ kernels read (contiguous NCHW, or channels-last kept as it is), the numpy
+    view to hand them for any tensor of that layout, and the kernels' channels_last flag."""
+    if _stored_channels_last(x):
+        return x.detach(), lambda t: t.permute(0, 2, 3, 1).numpy(), True
+    return x.detach().contiguous(), lambda t: t.numpy(), False
+
+
 def _cpp_forward(x, num_groups, eps, activation, params):
-    x_c = x.detach().contiguous()
-    y = torch.empty_like(x_c)
+    x_c, view, channels_last = _cpp_layout(x)
+    y = torch.empty_like(x_c)  # keeps x_c's layout
     mean = torch.empty(x_c.shape[0] * num_groups, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     _backend.cpp_extension().group_norm_act_fwd(
-        x_c.numpy(), *map(_numpy_or_none, params), y.numpy(), mean.numpy(), rstd.numpy(), num_groups, eps,
-        activation == "silu",
+        view(x_c), *map(_numpy_or_none, params), view(y), mean.numpy(), rstd.numpy(), num_groups, eps,
+        activation == "silu", channels_last,
     )
     return y, mean, rstd
 
 
 def _cpp_backward(grad_y, x, num_groups, mean, rstd, activation, params, needs):
-    x_c = x.detach().contiguous()
+    x_c, view, channels_last = _cpp_layout(x)
+    grad_y = grad_y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     grad_x = torch.empty_like(x_c)
     grads = [torch.empty_like(p, memory_format=torch.contiguous_format) if need else None
              for p, need in zip(params, needs)]
     _backend.cpp_extension().group_norm_act_bwd(
-        x_c.numpy(), *map(_numpy_or_none, params), mean.numpy(), rstd.numpy(), grad_y.contiguous().numpy(),
-        grad_x.numpy(), *map(_numpy_or_none, grads), num_groups, activation == "silu",
+        view(x_c), *map(_numpy_or_none, params), mean.numpy(), rstd.numpy(), view(grad_y), view(grad_x),
+        *map(_numpy_or_none, grads), num_groups, activation == "silu", channels_last,
     )
     return (grad_x, *grads)
 

@@ -1,4 +1,5 @@
 """DDPM++ (score_sde NCSN++): module layout, key names, arithmetic and official-checkpoint loading."""
+import copy
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 
 from rdp_core import _backend
 from rdp_core.models.checkpoint import CheckpointMismatch
+from rdp_core.models.layout import engine_layout
 from rdp_core.models.ncsnpp import (
     CIFAR10_DDPMPP,
     CIFAR10_DDPMPP_DEEP,
@@ -188,3 +190,34 @@ def test_compiled_backends_compute_the_stock_torch_function(monkeypatch):
     assert ours[0].abs().max() > 0.1  # a model whose output is ~0 would make this test vacuous
     for a, b in zip(ours, stock):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_engine_layout_is_channels_last_on_the_cpu_and_computes_the_same_function(monkeypatch, backend):
+    # What the default model runs as on the CPU: the function (and the gradient an attack takes) must not move.
+    model = randomize(NCSNpp(TINY), seed=5).eval().requires_grad_(False)
+    engine = engine_layout(copy.deepcopy(model))
+    convs = [m.weight for m in engine.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    gen = torch.Generator().manual_seed(6)
+    x, t = torch.randn(2, 3, 16, 16, generator=gen), torch.rand(2, generator=gen) * 999
+
+    def output_and_input_grad(net):
+        leaf = x.clone().requires_grad_()
+        out = net(leaf, t)
+        return out.detach(), torch.autograd.grad(out.square().sum(), leaf)[0]
+
+    monkeypatch.setenv("RDP_CORE_BACKEND", "torch")
+    reference = output_and_input_grad(model)
+    monkeypatch.setenv("RDP_CORE_BACKEND", backend)
+    ours = output_and_input_grad(engine)
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_engine_layout_refuses_a_model_spread_over_devices():
+    model = NCSNpp(TINY)
+    model.all_modules[0].to("meta")
+    with pytest.raises(ValueError, match="spread over devices"):
+        engine_layout(model)

@@ -363,14 +363,30 @@ def assert_grads_match(ours, exact, stock_float32, factor=3.0, floor=2e-5):
 @pytest.mark.parametrize("shape", [(2, 128, 16, 16), (2, 64, 7, 7), (3, 32, 13, 17), (2, 32, 5), (1, 32, 2, 1)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_variant_forward_and_backward_match_stock_and_float64(backend, activation, with_film, shape):
+    check_variant(backend, activation, with_film, shape, torch.contiguous_format)
+
+
+@needs_cpp
+@pytest.mark.parametrize("activation, with_film", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("shape", [(2, 128, 32, 32), (1, 512, 8, 8), (3, 96, 13, 17), (2, 32, 1, 300), (1, 32, 2, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cpp_channels_last_forward_and_backward(activation, with_film, shape):
+    # The layout of a channels-last model on the CPU (rdp_core.models.engine_layout): NHWC read in place, in
+    # position chunks whose moments are merged (unequal chunks at 1x300, several at 8x8 with 512 channels).
+    check_variant("cpp", activation, with_film, shape, torch.channels_last)
+
+
+def check_variant(backend, activation, with_film, shape, memory_format):
     groups = 32 if shape[1] >= 64 else 16
     tensors = variant_inputs(shape, seed=sum(shape) + 7, with_film=with_film)
+    tensors = (tensors[0].contiguous(memory_format=memory_format),) + tensors[1:]
     leaves = [None if t is None else t.clone().requires_grad_() for t in tensors]
     y = group_norm_act(leaves[0], groups, leaves[1], leaves[2], 1e-5, leaves[3], leaves[4], activation, backend)
     grad_y = torch.randn(shape)
     exact_y, exact = reference_grads(tensors, groups, grad_y, activation)
     stock_y = stock_act(tensors[0], groups, *tensors[1:], activation)
     assert y.shape == shape and y.dtype == torch.float32
+    assert y.is_contiguous(memory_format=memory_format)
     assert (y.double() - exact_y).abs().max() <= max(2 * (stock_y.double() - exact_y).abs().max(), 1e-5)
     ours = torch.autograd.grad(y, [t for t in leaves if t is not None], grad_y)
     assert_grads_match(ours, exact, stock_grads(tensors, groups, grad_y, activation))
@@ -441,10 +457,21 @@ def test_cpp_backward_with_non_contiguous_input_and_grad():
 
 
 @needs_cpp
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_cpp_large_mean_does_not_cancel_in_either_layout(memory_format):
+    x, weight, bias = inputs((2, 64, 24, 24), seed=4, offset=1e4, scale=0.1)
+    y = group_norm_silu(x.contiguous(memory_format=memory_format), 32, weight, bias, backend="cpp")
+    exact = group_norm_silu_torch(x.double(), 32, weight.double(), bias.double())
+    assert (y.double() - exact).abs().max() < 1e-4
+
+
+@needs_cpp
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("activation", ["silu", None])
-def test_cpp_backward_large_mean(activation):
+def test_cpp_backward_large_mean(activation, memory_format):
     # mean 1e3, std 1: the float32 mean/rstd the forward saves still give gradients as good as stock torch's.
     tensors = variant_inputs((2, 64, 8, 8), seed=24, with_film=True, offset=1e3)
+    tensors = (tensors[0].contiguous(memory_format=memory_format),) + tensors[1:]
     leaves = [t.clone().requires_grad_() for t in tensors]
     y = group_norm_act(leaves[0], 32, *leaves[1:3], 1e-5, *leaves[3:], activation=activation, backend="cpp")
     grad_y = torch.randn(y.shape)

@@ -1,0 +1,21 @@
+"""The memory layout a model's weights should have for the engine's kernels on the model's device.
+
+On the CPU that is channels-last (NHWC): oneDNN runs convolutions on NHWC data natively, where NCHW costs a
+reorder of every activation into and out of each convolution, and the fused C++ group norms and the
+attention read NHWC in place. On a GPU it is plain NCHW, the layout the Triton kernels read (they copy
+anything else). A convolution's output takes its weight's layout, so converting the weights once is enough:
+activations follow, and outputs stay correct in either layout.
+"""
+import torch
+
+
+def engine_layout(model):
+    """Converts `model`'s 4-D parameters and buffers in place to the fastest layout for the device they are on
+    (channels-last on the CPU, contiguous NCHW elsewhere) and returns the model. Call it again after moving
+    the model to another device."""
+    devices = {t.device.type for t in list(model.parameters()) + list(model.buffers())}
+    if len(devices) > 1:
+        raise ValueError(f"engine_layout: the model's tensors are spread over devices {sorted(devices)}; "
+                         "move it to one device first")
+    on_cpu = devices == {"cpu"}
+    return model.to(memory_format=torch.channels_last if on_cpu else torch.contiguous_format)
