@@ -204,12 +204,25 @@ def _tuned(name, block_d):
     return triton.autotune(configs=configs, key=["tokens", "head_dim"])(_KERNELS[name])
 
 
+def _autotuning():
+    """False under RDP_CORE_TRITON_AUTOTUNE=0: each kernel then runs the last (smallest) candidate of its list,
+    which fits every dtype at its head_dim, compiled once instead of up to four times. For correctness runs in
+    a short GPU session (bench/gpu_check.sh's tests step); never for timings."""
+    return os.environ.get("RDP_CORE_TRITON_AUTOTUNE", "1") != "0"
+
+
 def _launch(name, grid, args, block_d, precision):
-    """Runs kernel `name` on `grid(meta)`: the fixed interpreter blocks, or the autotuned GPU configs."""
+    """Runs kernel `name` on `grid(meta)`: the fixed interpreter blocks, the autotuned GPU configs, or the
+    smallest GPU config when autotuning is off."""
     if _INTERPRETER:
         block_m, block_n = _INTERPRETER_BLOCKS
         meta = {"BLOCK_M": block_m, "BLOCK_N": block_n}
         _KERNELS[name][grid(meta)](*args, BLOCK_D=block_d, PRECISION=precision, **meta)
+    elif not _autotuning():
+        block_m, block_n, warps, stages = _CONFIGS[name][max(64, block_d)][-1]
+        meta = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+        _KERNELS[name][grid(meta)](*args, BLOCK_D=block_d, PRECISION=precision, num_warps=warps, num_stages=stages,
+                                   **meta)
     else:
         _tuned(name, block_d)[grid](*args, BLOCK_D=block_d, PRECISION=precision)
 

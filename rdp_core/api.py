@@ -47,7 +47,8 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
         options (scale, schedule, on, layer, lam, ...) in guidance_options. Every solver and every grad mode
         takes it; the adjoint and autograd differentiate through it, including its reading of x at every step.
     graphs: replay the reverse solve as a captured CUDA graph (rdp_core.sampling.graphs) where no gradient
-        is needed and there is no guidance; None: on CUDA unless RDP_CORE_DISABLE_GRAPHS=1. Same result.
+        is needed; None: on CUDA unless RDP_CORE_DISABLE_GRAPHS=1, and for guided solves only with True
+        (not yet verified on a GPU). Same result.
     precision: "fp32", or "bf16" / "fp16" for the score model's convolutions and matmuls (autocast) with the
         sampler's state in float32 (rdp_core.sampling.precision).
     """
@@ -59,11 +60,10 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
     check_model_device(model, x)
     model = with_precision(model, precision)
     guide = make_guidance(guidance, x.device, **(guidance_options or {}))
-    if graphs and guide is not None:
-        raise ValueError("graphs=True: guided purification is not graph-captured yet; use graphs=None or False")
+    # Guided solves are graphed on request only, until their GPU tests have run (rdp_core.sampling.graphs).
+    graphed = graphs_wanted(x, graphs) and (guide is None or graphs is True)
     run = functools.partial(_purified, model=model, reverse=reverse, schedule=schedule, generator=generator,
-                            clip=clip, progress=progress, guidance=guide,
-                            graphs=guide is None and graphs_wanted(x, graphs))
+                            clip=clip, progress=progress, guidance=guide, graphs=graphed)
     if grad in ("bpda", "none") or not torch.is_grad_enabled():
         with torch.no_grad():
             out = run(x.detach(), grad="autograd", checkpoint_every=None)
@@ -75,20 +75,21 @@ def _purified(x, *, model, reverse, schedule, generator, clip, progress, grad, c
     x_in, x_t, noise = _diffused_state(x, reverse, schedule, generator)
     reference = guidance.prepare(x_in) if guidance is not None else ()
 
-    def step(state, i, *reference):
-        eps_model = model if guidance is None else GuidedEps(model, guidance, reference, noise, i, schedule)
-        return reverse.step(eps_model, state, i, noise)
+    def step(state, i, step_noise, reference):
+        """One reverse step, guided or not; eager, under the adjoint and under CUDA-graph capture alike."""
+        eps_model = model if guidance is None else GuidedEps(model, guidance, reference, step_noise, i, schedule)
+        return reverse.step(eps_model, state, i, step_noise)
 
     if grad == "adjoint" and (x_t.requires_grad or any(r.requires_grad for r in reference)):
         warn_if_trainable(model)
-        x_0 = checkpointed_solve(step, x_t, reverse.num_steps, context=reference, every=checkpoint_every,
-                                 progress=progress)
+        x_0 = checkpointed_solve(lambda state, i, *context: step(state, i, noise, context), x_t, reverse.num_steps,
+                                 context=reference, every=checkpoint_every, progress=progress)
     elif graphs and not torch.is_grad_enabled():
-        x_0 = graphed_solve(model, reverse, x_t)(x_t, noise)
+        x_0 = graphed_solve(model, reverse, step, x_t, guidance, reference)(x_t, noise, reference)
     else:
         x_0 = x_t
         for i in progress_range(reverse.num_steps, progress, type(reverse).__name__):
-            x_0 = step(x_0, i, *reference)
+            x_0 = step(x_0, i, noise, reference)
     out = (x_0 + 1.0) * 0.5
     if clip:
         out = out.clamp(0.0, 1.0)

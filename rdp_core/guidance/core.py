@@ -23,13 +23,8 @@ Dropping either would mask gradients.
 """
 import torch
 
-from rdp_core.sampling.noise import DIFFUSION_DRAW
+from rdp_core.sampling.noise import guidance_draw
 from rdp_core.sampling.schedule import VP
-
-
-def guidance_draw(step):
-    """The StepNoise index of step `step`'s guidance noise: negative and distinct from the diffusion draw."""
-    return DIFFUSION_DRAW - 1 - step
 
 
 class Guidance:
@@ -54,6 +49,11 @@ class Guidance:
 
     def scale(self, t):
         raise NotImplementedError
+
+    def graph_key(self):
+        """A hashable value equal for objectives that compute the same function, so that a captured CUDA graph
+        (rdp_core.sampling.graphs) is reused across purifications; by default the object itself."""
+        return self
 
 
 def _per_sample(values, like):

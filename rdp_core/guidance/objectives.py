@@ -24,12 +24,20 @@ GDMP_CIFAR10_SCALE = 60000 * 3 / (2 * 8 / 255) / 100
 
 
 class _Scaled(Guidance):
+    _OPTIONS = ()  # the attributes besides scale and schedule that define the objective (see graph_key)
+
     def __init__(self, scale, schedule, noise_schedule=VP):
         if schedule not in SCHEDULES:
             raise ValueError(f"scale schedule must be one of {SCHEDULES}, got {schedule!r}")
         if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
             raise ValueError(f"guidance scale must be a finite number >= 0, got {scale!r}")
         self.scale_value, self.schedule, self._noise_schedule = float(scale), schedule, noise_schedule
+
+    def graph_key(self):
+        # Objects, not ids, for the schedule and the network: the key keeps them alive, so an id is never reused
+        # by another object while a graph that baked this one in is cached.
+        return (type(self).__name__, self.scale_value, self.schedule, self._noise_schedule,
+                *(getattr(self, name) for name in self._OPTIONS))
 
     def scale(self, t):
         if self.schedule == "constant":
@@ -49,6 +57,8 @@ class PixelGuidance(_Scaled):
     on="x_t": the sample x_t against the input diffused to t with this step's own noise (GDMP);
     on="x0":  the one-step denoised estimate x0_hat against the input itself.
     """
+
+    _OPTIONS = ("distance", "on")
 
     def __init__(self, distance="mse", on="x_t", scale=GDMP_CIFAR10_SCALE, schedule="gdmp", noise_schedule=VP):
         super().__init__(scale, schedule, noise_schedule)
@@ -80,6 +90,8 @@ class AdversarialGuidance(_Scaled):
     on: "x0" compares the denoised estimate x0_hat (the default), "x_t" the noisy sample itself.
     The latent distance is the mean over the representation's elements, per image.
     """
+
+    _OPTIONS = ("network", "layer", "lam", "latent", "on")
 
     def __init__(self, network, layer="pool", lam=1.0, latent=True, on="x0", scale=100.0, schedule="constant",
                  noise_schedule=VP):

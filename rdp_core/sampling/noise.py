@@ -1,13 +1,24 @@
 """Replayable noise for the samplers.
 
 Every random draw of a purification is a pure function of one 63-bit seed and a draw index: index -1 is
-the forward-diffusion noise, index i >= 0 the noise of reverse step i. So any run can be replayed exactly,
+the forward-diffusion noise, index i >= 0 the noise of reverse step i, index -2 - i the guidance's own noise
+at reverse step i (GDMP diffuses the input with it). So any run can be replayed exactly,
 step by step and in any order (the adjoint backward recomputes segments; the CUDA-graph path and the tests
 compare against eager runs), without keeping all noise tensors in memory.
 """
 import torch
 
 DIFFUSION_DRAW = -1
+
+
+def guidance_draw(step):
+    """The draw index of reverse step `step`'s guidance noise: negative and distinct from the diffusion draw."""
+    return DIFFUSION_DRAW - 1 - step
+
+
+def guidance_step(index):
+    """The reverse step whose guidance noise has draw index `index` (the inverse of guidance_draw)."""
+    return DIFFUSION_DRAW - 1 - index
 _MASK64 = (1 << 64) - 1
 
 
