@@ -26,6 +26,7 @@ from rdp_core.api import diffuse, purify
 from rdp_core.attacks import NORMS
 from rdp_core.data import default_root, load_cifar10
 from rdp_core.evaluation import ATTACKS, DEFENSES, EvalConfig, evaluate
+from rdp_core.evaluation.compare import write_comparison
 from rdp_core.evaluation.distributed import init_from_env, shutdown
 from rdp_core.evaluation.runner import device_name
 from rdp_core.guidance.objectives import SCHEDULES
@@ -48,6 +49,7 @@ def main(argv=None):
     _add_train_command(commands)
     _add_train_guidance_command(commands)
     _add_eval_command(commands)
+    _add_compare_command(commands)
     args = parser.parse_args(argv)
     args.command_line = " ".join(["rdp-core"] + list(sys.argv[1:] if argv is None else argv))
     return args.run(args)
@@ -217,6 +219,27 @@ def _guidance_options(args):
                              f"not {args.defense}")
         options[key] = value
     return options or None
+
+
+def _add_compare_command(commands):
+    p = commands.add_parser("compare", help="compare defenses evaluated on the same images: paired differences in "
+                            "clean and robust accuracy with intervals and McNemar's test, a table and a PNG")
+    p.add_argument("runs", nargs="+", type=Path,
+                   help="rdp-core eval output folders, the baseline first, all attacked the same way")
+    p.add_argument("--verdict", choices=("all votes", "majority"), default="all votes",
+                   help="an image is robust when all its purifications are right (default) or most of them")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"))
+    p.set_defaults(run=run_compare)
+
+
+def run_compare(args):
+    try:
+        write_comparison(args.runs, args.out, args.verdict)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"rdp-core compare: {error}") from None
+    print((args.out / "comparison.md").read_text())
+    print(f"wrote {args.out / 'comparison.json'}, {args.out / 'comparison.md'} and {args.out / 'comparison.png'}")
+    return 0
 
 
 def run_eval(args):

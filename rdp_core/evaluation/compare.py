@@ -1,0 +1,200 @@
+"""Defenses compared on the same images: paired differences in clean and robust accuracy.
+
+Evaluations of one attack on the same test images (rdp-core eval output folders) say, per image, whether
+each defense was right. Two accuracies measured on the same images differ by (b - c) / n, b the images only
+the first defense gets right and c those only the second gets right; the images both get right or both miss
+cancel, so the difference is much better determined than the two separate intervals suggest. Its 95%
+interval is Newcombe's (1998, method 10: Wilson intervals of the two accuracies combined with their
+correlation), and the exact McNemar test gives the probability of a split of the discordant images at
+least as uneven as b : c if the defenses were equally good.
+
+The verdicts are the evaluator's: an image counts as robust when every purification of its clean and of its
+attacked version is right ("all votes"), or under a majority vote.
+"""
+import json
+import math
+from pathlib import Path
+
+from rdp_core.evaluation.records import CONFIG_FILE, RecordStore
+from rdp_core.evaluation.summary import Z_95, accuracy_entry, by_kind, eps_text, wilson_interval
+
+VERDICTS = {"all votes": "correct_all", "majority": "correct_majority"}
+# Settings that must agree for two runs to be compared image by image (the defense's own settings may differ).
+SAME_ATTACK = ("attack", "norm", "iterations", "eot", "step_size", "votes", "seed", "classifier")
+
+
+def load_run(out_dir):
+    """(config, {eps: {index: (clean record, attacked record)}}) of one evaluation folder."""
+    out_dir = Path(out_dir)
+    config_path = out_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{out_dir} is not an rdp-core eval output folder: no {CONFIG_FILE}")
+    config = json.loads(config_path.read_text())
+    table = by_kind(RecordStore(out_dir).read_all())
+    clean = table["clean"][0.0]
+    pairs = {eps: {i: (clean[i], attacked[i]) for i in attacked if i in clean}
+             for eps, attacked in table["attack"].items()}
+    if not any(pairs.values()):
+        raise ValueError(f"{out_dir} holds no attacked images with a clean verdict: nothing to compare")
+    return config, pairs
+
+
+def paired_difference(first, second, z=Z_95):
+    """Accuracy of `first` minus that of `second` (booleans per image, same images, same order), in points,
+    with Newcombe's interval and the exact two-sided McNemar p-value."""
+    if len(first) != len(second) or not first:
+        raise ValueError("paired_difference needs two equally long, non-empty lists of verdicts")
+    n = len(first)
+    both = sum(f and s for f, s in zip(first, second))
+    only_first = sum(f and not s for f, s in zip(first, second))
+    only_second = sum(s and not f for f, s in zip(first, second))
+    neither = n - both - only_first - only_second
+    p1, p2 = (both + only_first) / n, (both + only_second) / n
+    (l1, u1), (l2, u2) = wilson_interval(both + only_first, n, z), wilson_interval(both + only_second, n, z)
+    phi = _continuity_corrected_phi(both, only_first, only_second, neither)
+    delta = p1 - p2
+    lower = delta - math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    upper = delta + math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
+    return {"difference": 100.0 * delta, "ci95": [100.0 * max(lower, -1.0), 100.0 * min(upper, 1.0)],
+            "only_first": only_first, "only_second": only_second, "n": n,
+            "mcnemar_p": mcnemar_p(only_first, only_second)}
+
+
+def _continuity_corrected_phi(a, b, c, d):
+    """The correlation of the paired verdicts as Newcombe's method 10 uses it (0 where a margin is empty)."""
+    denominator = math.sqrt((a + b) * (c + d) * (a + c) * (b + d))
+    if denominator == 0:
+        return 0.0
+    numerator = a * d - b * c
+    if numerator > 0:
+        numerator = max(numerator - (a + b + c + d) / 2, 0.0)
+    return numerator / denominator
+
+
+def mcnemar_p(b, c):
+    """Exact two-sided McNemar p-value: the binomial(b + c, 1/2) probability of a split as uneven as b : c."""
+    m = b + c
+    if m == 0:
+        return 1.0
+    tail = sum(math.comb(m, k) for k in range(min(b, c) + 1)) / 2.0 ** m
+    return min(1.0, 2.0 * tail)
+
+
+def compare(out_dirs, verdict="all votes"):
+    """The comparison of the evaluations in `out_dirs` (the first is the baseline) on the images all of them
+    attacked: per run its accuracies, per later run its paired differences from the baseline."""
+    if len(out_dirs) < 2:
+        raise ValueError("compare needs at least two evaluation folders")
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {sorted(VERDICTS)}, got {verdict!r}")
+    key = VERDICTS[verdict]
+    runs = [(str(d), *load_run(d)) for d in out_dirs]
+    _check_same_attack(runs)
+    rows = []
+    for eps in sorted(set.intersection(*(set(pairs) for _, _, pairs in runs)), key=float):
+        images = sorted(set.intersection(*(set(pairs[eps]) for _, _, pairs in runs)))
+        if not images:
+            continue
+        verdicts = [_verdicts(pairs[eps], images, key) for _, _, pairs in runs]
+        base_clean, base_robust = verdicts[0]
+        rows.append({"eps": eps, "n": len(images), "runs": [
+            {"out_dir": name, "defense": _defense_name(config),
+             "clean": accuracy_entry(clean), "robust": accuracy_entry(robust),
+             **({} if index == 0 else {"clean_vs_baseline": paired_difference(clean, base_clean),
+                                       "robust_vs_baseline": paired_difference(robust, base_robust)})}
+            for index, ((name, config, _), (clean, robust)) in enumerate(zip(runs, verdicts))]})
+    if not rows:
+        raise ValueError(f"the runs {list(map(str, out_dirs))} have no attacked image and eps in common")
+    return {"verdict": verdict, "attack": {k: runs[0][1].get(k) for k in SAME_ATTACK}, "rows": rows}
+
+
+def _verdicts(pairs, images, key):
+    clean = [pairs[i][0][key] for i in images]
+    robust = [pairs[i][0][key] and pairs[i][1][key] for i in images]
+    return clean, robust
+
+
+def _check_same_attack(runs):
+    (first_name, first, _), *others = runs
+    for name, config, _ in others:
+        differing = [k for k in SAME_ATTACK if config.get(k) != first.get(k)]
+        if differing:
+            details = ", ".join(f"{k}: {first.get(k)!r} vs {config.get(k)!r}" for k in differing)
+            raise ValueError(f"{name} was not attacked as {first_name} was ({details}): its verdicts are not "
+                             "comparable image by image")
+
+
+def _defense_name(config):
+    options = config.get("guidance_options") or {}
+    details = ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
+    name = config["defense"] + (f" ({details})" if details else "")
+    return name if config["defense"] == "none" else f"{name}, t*={config.get('t_star')}"
+
+
+def markdown(comparison):
+    attack = comparison["attack"]
+    lines = [f"{attack['attack']} ({attack['norm']}), {attack['iterations']} iterations x {attack['eot']} EOT, "
+             f"{attack['votes']} purification(s) per verdict, verdict: {comparison['verdict']}; differences are "
+             "paired (same images) against the first row, with Newcombe's 95% interval and the exact McNemar p.",
+             ""]
+    for row in comparison["rows"]:
+        lines += [f"eps {eps_text(row['eps'], attack['norm'])}, {row['n']} images:", "",
+                  "| defense | clean | robust | clean - baseline | robust - baseline | robust: only this / only baseline, p |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for run in row["runs"]:
+            cells = [run["defense"], _entry(run["clean"]), _entry(run["robust"])]
+            if "robust_vs_baseline" in run:
+                clean_d, robust_d = run["clean_vs_baseline"], run["robust_vs_baseline"]
+                cells += [_difference(clean_d), _difference(robust_d),
+                          f"{robust_d['only_first']} / {robust_d['only_second']}, p = {robust_d['mcnemar_p']:.3g}"]
+            else:
+                cells += ["(baseline)", "(baseline)", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _entry(entry):
+    return f"{entry['accuracy']:.2f}% [{entry['ci95'][0]:.1f}, {entry['ci95'][1]:.1f}]"
+
+
+def _difference(d):
+    return f"{d['difference']:+.2f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"
+
+
+def plot(comparison, path):
+    """PNG: clean and robust accuracy per defense with 95% intervals, one panel per eps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = comparison["rows"]
+    fig, axes = plt.subplots(1, len(rows), figsize=(1.6 + 1.9 * len(rows[0]["runs"]), 3.6), dpi=120, squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        names = [run["defense"].split(" (")[0].split(",")[0] for run in row["runs"]]
+        for offset, kind in ((-0.2, "clean"), (0.2, "robust")):
+            values = [run[kind]["accuracy"] for run in row["runs"]]
+            errors = [[v - run[kind]["ci95"][0] for v, run in zip(values, row["runs"])],
+                      [run[kind]["ci95"][1] - v for v, run in zip(values, row["runs"])]]
+            ax.bar([i + offset for i in range(len(values))], values, width=0.4, yerr=errors, capsize=3, label=kind)
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"eps {eps_text(row['eps'], comparison['attack']['norm'])}, {row['n']} images", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_comparison(out_dirs, out, verdict="all votes"):
+    """compare() written to `out` as comparison.json, comparison.md and comparison.png; returns the dict."""
+    comparison = compare(out_dirs, verdict)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.json").write_text(json.dumps(comparison, indent=2))
+    (out / "comparison.md").write_text(markdown(comparison))
+    plot(comparison, out / "comparison.png")
+    return comparison

@@ -1,0 +1,128 @@
+"""Paired comparison of defenses: the statistics, and the comparison of real evaluation folders."""
+import json
+import math
+import random
+
+import pytest
+from scipy.stats import binomtest
+
+from rdp_core.cli import main
+from rdp_core.evaluation.compare import compare, mcnemar_p, paired_difference
+from rdp_core.evaluation.summary import wilson_interval
+
+
+@pytest.mark.parametrize("b, c", [(0, 0), (3, 0), (7, 2), (12, 12), (1, 9), (30, 18)])
+def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs(b, c):
+    expected = 1.0 if b + c == 0 else binomtest(b, b + c, 0.5).pvalue
+    assert mcnemar_p(b, c) == pytest.approx(expected, rel=1e-12)
+
+
+def verdicts(both, only_first, only_second, neither):
+    first = [True] * both + [True] * only_first + [False] * only_second + [False] * neither
+    second = [True] * both + [False] * only_first + [True] * only_second + [False] * neither
+    return first, second
+
+
+def unpaired_newcombe(k1, k2, n):
+    (l1, u1), (l2, u2) = wilson_interval(k1, n), wilson_interval(k2, n)
+    p1, p2 = k1 / n, k2 / n
+    return p1 - p2 - math.hypot(p1 - l1, u2 - p2), p1 - p2 + math.hypot(u1 - p1, p2 - l2)
+
+
+def test_without_correlation_the_interval_is_newcombes_unpaired_one():
+    # a d = b c: the paired verdicts are uncorrelated, and method 10 reduces to the hybrid score interval.
+    first, second = verdicts(both=4, only_first=8, only_second=2, neither=4)
+    result = paired_difference(first, second)
+    low, high = unpaired_newcombe(12, 6, 18)
+    assert result["difference"] == pytest.approx(100 * 6 / 18)
+    assert result["ci95"] == pytest.approx([100 * low, 100 * high])
+    assert (result["only_first"], result["only_second"], result["n"]) == (8, 2, 18)
+
+
+def test_identical_verdicts_differ_by_nothing():
+    first, _ = verdicts(both=10, only_first=0, only_second=0, neither=6)
+    result = paired_difference(first, list(first))
+    assert result["difference"] == 0 and result["mcnemar_p"] == 1.0
+    assert result["ci95"][0] < 0 < result["ci95"][1]
+
+
+def test_paired_intervals_cover_the_true_difference_and_are_narrower_than_unpaired_ones():
+    # Correlated defenses (most images both right or both wrong), true difference 10 points, 40 images.
+    rng = random.Random(0)
+    cells = [(True, True, 0.50), (True, False, 0.15), (False, True, 0.05), (False, False, 0.30)]
+    covered, paired_width, unpaired_width, trials = 0, 0.0, 0.0, 2000
+    for _ in range(trials):
+        draws = rng.choices([c[:2] for c in cells], weights=[c[2] for c in cells], k=40)
+        first, second = [d[0] for d in draws], [d[1] for d in draws]
+        low, high = paired_difference(first, second)["ci95"]
+        covered += low <= 10.0 <= high
+        paired_width += high - low
+        u_low, u_high = unpaired_newcombe(sum(first), sum(second), 40)
+        unpaired_width += 100 * (u_high - u_low)
+    assert covered / trials >= 0.93
+    assert paired_width < 0.8 * unpaired_width
+
+
+def test_bad_verdict_lists_are_refused():
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference([True], [True, False])
+    with pytest.raises(ValueError, match="non-empty"):
+        paired_difference([], [])
+
+
+ATTACK = {"attack": "pgd-eot", "norm": "linf", "iterations": 10, "eot": 4, "step_size": 0.007, "votes": 2,
+          "seed": 0, "classifier": "resnet56.th"}
+
+
+def write_run(folder, defense, clean, attacked, eps=0.031372549, **changes):
+    """An eval output folder: config.json and records as rdp-core eval writes them."""
+    (folder / "records").mkdir(parents=True)
+    config = {**ATTACK, "defense": defense, "t_star": 0.1, "guidance_options": None, **changes}
+    (folder / "config.json").write_text(json.dumps(config))
+    lines = []
+    for kind, eps_value, flags in (("clean", 0.0, clean), ("attack", eps, attacked)):
+        for index, (right_all, right_majority) in enumerate(flags):
+            lines.append(json.dumps({"kind": kind, "index": index, "eps": eps_value, "correct_all": right_all,
+                                     "correct_majority": right_majority}))
+    (folder / "records" / "rank0-of-1.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_compare_pairs_the_images_both_runs_attacked(tmp_path):
+    base = write_run(tmp_path / "diffpure", "diffpure", clean=[(True, True)] * 6,
+                     attacked=[(True, True), (False, True), (False, False), (False, False), (True, True)])
+    ours = write_run(tmp_path / "agdm", "agdm", clean=[(True, True)] * 4 + [(False, False)] * 2,
+                     attacked=[(True, True), (True, True), (True, True), (False, True), (True, True),
+                               (True, True)])
+    result = compare([base, ours])
+    (row,) = result["rows"]
+    assert row["n"] == 5  # image 5 was attacked in one run only
+    baseline, agdm = row["runs"]
+    assert baseline["robust"]["correct"] == 2 and agdm["robust"]["correct"] == 3  # image 4: agdm's clean is wrong
+    assert agdm["robust_vs_baseline"]["only_first"] == 2 and agdm["robust_vs_baseline"]["only_second"] == 1
+    assert agdm["clean_vs_baseline"]["difference"] == pytest.approx(-20.0)
+    majority = compare([base, ours], verdict="majority")["rows"][0]["runs"]
+    assert majority[0]["robust"]["correct"] == 3 and majority[1]["robust"]["correct"] == 4
+
+
+def test_runs_attacked_differently_are_not_compared(tmp_path):
+    base = write_run(tmp_path / "a", "diffpure", clean=[(True, True)], attacked=[(True, True)])
+    other = write_run(tmp_path / "b", "agdm", clean=[(True, True)], attacked=[(True, True)], eot=20)
+    with pytest.raises(ValueError, match="eot: 4 vs 20"):
+        compare([base, other])
+    with pytest.raises(FileNotFoundError, match="not an rdp-core eval output folder"):
+        compare([base, tmp_path / "missing"])
+    elsewhere = write_run(tmp_path / "c", "agdm", clean=[(True, True)], attacked=[(True, True)], eps=0.5)
+    with pytest.raises(ValueError, match="no attacked image and eps in common"):
+        compare([base, elsewhere])
+
+
+def test_compare_command_writes_table_json_and_png(tmp_path, capsys):
+    base = write_run(tmp_path / "a", "diffpure", clean=[(True, True)] * 3, attacked=[(False, False)] * 3)
+    ours = write_run(tmp_path / "b", "agdm", clean=[(True, True)] * 3, attacked=[(True, True)] * 3)
+    assert main(["compare", str(base), str(ours), "--out", str(tmp_path / "cmp")]) == 0
+    assert "+100.00" in capsys.readouterr().out
+    for name in ("comparison.json", "comparison.md", "comparison.png"):
+        assert (tmp_path / "cmp" / name).stat().st_size > 0
+    with pytest.raises(SystemExit, match="at least two"):
+        main(["compare", str(base), "--out", str(tmp_path / "cmp2")])
