@@ -17,7 +17,7 @@ from rdp_core.models.default import default_eps_model_for, load_default_eps_mode
 from rdp_core.sampling import DIFFUSION_DRAW, VP, StepNoise, make_solver
 from rdp_core.guidance import GuidedEps, make_guidance
 from rdp_core.sampling.adjoint import checkpointed_solve, progress_range, warn_if_trainable
-from rdp_core.sampling.graphs import graphed_solve, graphs_wanted
+from rdp_core.sampling.graphs import graphed_adjoint_solve, graphed_solve, graphs_wanted
 from rdp_core.sampling.precision import with_precision
 
 GRAD_MODES = ("adjoint", "autograd", "bpda", "none")
@@ -46,9 +46,9 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
         adversarial guidance with the shipped auxiliary network) or a rdp_core.guidance.Guidance; its
         options (scale, schedule, on, layer, lam, ...) in guidance_options. Every solver and every grad mode
         takes it; the adjoint and autograd differentiate through it, including its reading of x at every step.
-    graphs: replay the reverse solve as a captured CUDA graph (rdp_core.sampling.graphs) where no gradient
-        is needed; None: on CUDA unless RDP_CORE_DISABLE_GRAPHS=1, and for guided solves only with True
-        (not yet verified on a GPU). Same result.
+    graphs: replay the reverse solve as captured CUDA graphs (rdp_core.sampling.graphs). None: no-grad solves
+        without guidance on CUDA, unless RDP_CORE_DISABLE_GRAPHS=1; True: also guided solves and the adjoint's
+        forward and backward (grad="adjoint"), not yet verified on a GPU. Same result, same gradient.
     precision: "fp32", or "bf16" / "fp16" for the score model's convolutions and matmuls (autocast) with the
         sampler's state in float32 (rdp_core.sampling.precision).
     """
@@ -60,10 +60,12 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
     check_model_device(model, x)
     model = with_precision(model, precision)
     guide = make_guidance(guidance, x.device, **(guidance_options or {}))
-    # Guided solves are graphed on request only, until their GPU tests have run (rdp_core.sampling.graphs).
+    # Guided solves and the adjoint are graphed on request only, until their GPU tests have run
+    # (rdp_core.sampling.graphs); plain no-grad solves by default on CUDA.
     graphed = graphs_wanted(x, graphs) and (guide is None or graphs is True)
     run = functools.partial(_purified, model=model, reverse=reverse, schedule=schedule, generator=generator,
-                            clip=clip, progress=progress, guidance=guide, graphs=graphed)
+                            clip=clip, progress=progress, guidance=guide, graphs=graphed,
+                            graphed_adjoint=graphed and graphs is True)
     if grad in ("bpda", "none") or not torch.is_grad_enabled():
         with torch.no_grad():
             out = run(x.detach(), grad="autograd", checkpoint_every=None)
@@ -71,7 +73,8 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
     return run(x, grad=grad, checkpoint_every=checkpoint_every)
 
 
-def _purified(x, *, model, reverse, schedule, generator, clip, progress, grad, checkpoint_every, guidance, graphs):
+def _purified(x, *, model, reverse, schedule, generator, clip, progress, grad, checkpoint_every, guidance, graphs,
+              graphed_adjoint):
     x_in, x_t, noise = _diffused_state(x, reverse, schedule, generator)
     reference = guidance.prepare(x_in) if guidance is not None else ()
 
@@ -82,8 +85,11 @@ def _purified(x, *, model, reverse, schedule, generator, clip, progress, grad, c
 
     if grad == "adjoint" and (x_t.requires_grad or any(r.requires_grad for r in reference)):
         warn_if_trainable(model)
-        x_0 = checkpointed_solve(lambda state, i, *context: step(state, i, noise, context), x_t, reverse.num_steps,
-                                 context=reference, every=checkpoint_every, progress=progress)
+        if graphed_adjoint:
+            x_0 = graphed_adjoint_solve(model, reverse, step, x_t, noise, guidance, reference, checkpoint_every)
+        else:
+            x_0 = checkpointed_solve(lambda state, i, *context: step(state, i, noise, context), x_t,
+                                     reverse.num_steps, context=reference, every=checkpoint_every, progress=progress)
     elif graphs and not torch.is_grad_enabled():
         x_0 = graphed_solve(model, reverse, step, x_t, guidance, reference)(x_t, noise, reference)
     else:

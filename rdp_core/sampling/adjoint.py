@@ -50,12 +50,7 @@ class _CheckpointedSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, step, num_steps, every, progress, x, *context):
         ctx.step, ctx.num_steps, ctx.every = step, num_steps, every
-        checkpoints = []
-        with torch.no_grad():
-            for i in progress_range(num_steps, progress, "reverse"):
-                if i % every == 0:
-                    checkpoints.append(x)
-                x = step(x, i, *context)
+        x, checkpoints = solve_keeping_checkpoints(step, x, num_steps, every, context, progress)
         ctx.save_for_backward(*context, *checkpoints)
         ctx.num_context = len(context)
         return x
@@ -65,17 +60,36 @@ class _CheckpointedSolve(torch.autograd.Function):
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
         context, checkpoints = saved[:ctx.num_context], saved[ctx.num_context:]
-        needs_context = ctx.needs_input_grad[5:]
-        context = [c.detach().requires_grad_(need) for c, need in zip(context, needs_context)]
-        grad_context = [None] * len(context)
-        grad_x = grad_out
-        for segment in reversed(range(len(checkpoints))):
-            first = segment * ctx.every
-            states = _replay(ctx.step, checkpoints[segment], first, min(first + ctx.every, ctx.num_steps), context)
-            for offset in reversed(range(len(states))):
-                grad_x, grads = _step_vjp(ctx.step, states[offset], first + offset, context, grad_x)
-                grad_context = [_add(total, g) for total, g in zip(grad_context, grads)]
+        context = [c.detach().requires_grad_(need) for c, need in zip(context, ctx.needs_input_grad[5:])]
+        grad_x, grad_context = adjoint_from_checkpoints(ctx.step, checkpoints, ctx.num_steps, ctx.every, context,
+                                                        grad_out)
         return (None, None, None, None, grad_x, *grad_context)
+
+
+def solve_keeping_checkpoints(step, x, num_steps, every, context=(), progress=False):
+    """(final state, [the state before step 0, every, 2 every, ...]): the adjoint's forward, without a graph."""
+    checkpoints = []
+    with torch.no_grad():
+        for i in progress_range(num_steps, progress, "reverse"):
+            if i % every == 0:
+                checkpoints.append(x)
+            x = step(x, i, *context)
+    return x, checkpoints
+
+
+def adjoint_from_checkpoints(step, checkpoints, num_steps, every, context, grad_out):
+    """(grad of the start state, [grad of each context tensor that requires grad, else None]) given grad_out, the
+    gradient of the final state: the segments in reverse, each recomputed from its checkpoint, one step's
+    vector-Jacobian product at a time."""
+    grad_context = [None] * len(context)
+    grad_x = grad_out
+    for segment in reversed(range(len(checkpoints))):
+        first = segment * every
+        states = _replay(step, checkpoints[segment], first, min(first + every, num_steps), context)
+        for offset in reversed(range(len(states))):
+            grad_x, grads = _step_vjp(step, states[offset], first + offset, context, grad_x)
+            grad_context = [_add(total, g) for total, g in zip(grad_context, grads)]
+    return grad_x, grad_context
 
 
 def _replay(step, x, first, stop, context):

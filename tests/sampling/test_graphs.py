@@ -8,7 +8,8 @@ import torch
 import rdp_core
 from rdp_core import api
 from rdp_core.models.ncsnpp import NCSNpp, ScoreSDEEpsModel
-from rdp_core.sampling.graphs import GraphedSolve, cached_graphs, graphs_wanted
+from rdp_core.sampling import graphs
+from rdp_core.sampling.graphs import cached_graphs, graphs_wanted
 from rdp_core.train import CPU_MODEL
 
 TINY = replace(CPU_MODEL, nf=16, num_res_blocks=1)
@@ -27,25 +28,65 @@ def test_graphs_are_chosen_for_cuda_tensors_unless_disabled(monkeypatch):
         rdp_core.purify(torch.rand(1, 3, 32, 32), 0.01, steps=1, guidance="gdmp", graphs=True)
 
 
+def use_stand_in_capture(monkeypatch):
+    """CUDA graph capture replaced by a stand-in whose replay reruns the captured function and writes its
+    results into the captured outputs: everything but the capture itself (static buffers, noise indices,
+    reference tensors, checkpoint copies) runs on the CPU as it would on a GPU."""
+    def stand_in(fn, device):
+        outputs = fn()
+
+        def replay():
+            results = fn()
+            with torch.no_grad():
+                for buffer, value in zip(outputs, results):
+                    buffer.copy_(value)
+
+        return SimpleNamespace(replay=replay), outputs
+
+    monkeypatch.setattr(graphs, "capture", stand_in)
+    monkeypatch.setattr(api, "graphs_wanted", lambda x, wanted: bool(wanted))
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return ScoreSDEEpsModel(NCSNpp(TINY)).eval().requires_grad_(False)
+
+
 @pytest.mark.parametrize("guidance, solver", [(None, "sde"), ("gdmp", "sde"), ("agdm", "ode-heun"), ("agdm", "ddpm")])
 def test_static_buffers_replay_the_eager_solve(monkeypatch, guidance, solver):
-    # The capture needs CUDA; the static buffers, the per-step diffusion and guidance noise and the guidance's
-    # reference tensors do not. With a stand-in graph whose replay reruns the captured steps on the buffers,
-    # the graphed path must equal the eager one exactly, for new images and noise on the second call too.
-    def stand_in_capture(self, device):
-        self.out = torch.empty_like(self.start)
-        self.graph = SimpleNamespace(replay=lambda: self.out.copy_(self._solve()))
-
-    monkeypatch.setattr(GraphedSolve, "_capture", stand_in_capture)
-    monkeypatch.setattr(api, "graphs_wanted", lambda x, graphs: bool(graphs))
-    torch.manual_seed(0)
-    model = ScoreSDEEpsModel(NCSNpp(TINY)).eval().requires_grad_(False)
+    # The graphed path must equal the eager one exactly, for new images and noise on the second call too.
+    use_stand_in_capture(monkeypatch)
+    model = _tiny_model()
     options = dict(solver=solver, steps=None if solver == "ddpm" else 3, guidance=guidance)
     for seed in (1, 2):
         x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
         graphed = _purified(x, model, seed, t_star=0.003, graphs=True, **options)
         eager = _purified(x, model, seed, t_star=0.003, graphs=False, **options)
         assert torch.equal(graphed, eager)
+    assert cached_graphs(model) == 1
+
+
+@pytest.mark.parametrize("guidance, solver", [(None, "sde"), ("gdmp", "sde"), ("agdm", "ode-heun")])
+def test_graphed_adjoint_gives_the_eager_adjoint_gradient(monkeypatch, guidance, solver):
+    # Two purifications through one graph before either backward: each gradient must still be its own (the
+    # checkpoints and the noise are reloaded for the backward, not read from buffers the second forward reused).
+    use_stand_in_capture(monkeypatch)
+    model = _tiny_model()
+    images = [torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    weights = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+    def purified(x, seed, graphs):
+        leaf = x.clone().requires_grad_()
+        out = rdp_core.purify(leaf, 0.003, model=model, solver=solver, steps=3, guidance=guidance, grad="adjoint",
+                              generator=torch.Generator().manual_seed(seed), graphs=graphs)
+        return leaf, out
+
+    graphed = [purified(x, seed, True) for seed, x in enumerate(images)]
+    graphed_grads = [torch.autograd.grad((out * weights).sum(), leaf)[0] for leaf, out in graphed]
+    for seed, (x, (_, graphed_out), graphed_grad) in enumerate(zip(images, graphed, graphed_grads)):
+        leaf, out = purified(x, seed, False)
+        assert torch.equal(graphed_out.detach(), out.detach())
+        assert torch.equal(graphed_grad, torch.autograd.grad((out * weights).sum(), leaf)[0])
     assert cached_graphs(model) == 1
 
 
@@ -104,3 +145,26 @@ def test_guided_graphed_equals_eager(guidance, solver):
         torch.testing.assert_close(graphed, eager, atol=1e-5, rtol=0)
         x = torch.rand(4, 3, 32, 32, device="cuda")
     assert cached_graphs(model) == 1
+
+
+@needs_cuda
+@pytest.mark.parametrize("guidance", [None, "agdm"])
+def test_graphed_adjoint_gradient_equals_the_eager_adjoint_on_the_gpu(guidance):
+    model, x = _model(), torch.rand(4, 3, 32, 32, device="cuda")
+    weights = torch.randn(4, 3, 32, 32, device="cuda")
+
+    def gradient(graphs):
+        leaf = x.clone().requires_grad_()
+        out = _purified_with_grad(leaf, model, 5, guidance=guidance, graphs=graphs)
+        return torch.autograd.grad((out * weights).sum(), leaf)[0]
+
+    eager = gradient(False)
+    assert eager.abs().max() > 0
+    torch.testing.assert_close(gradient(True), eager, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gradient(True), eager, atol=1e-5, rtol=1e-4)  # a replay of the cached graphs
+    assert cached_graphs(model) == 1
+
+
+def _purified_with_grad(x, model, seed, **options):
+    return rdp_core.purify(x, 0.05, model=model, steps=10, grad="adjoint",
+                           generator=torch.Generator().manual_seed(seed), **options)
