@@ -10,6 +10,8 @@ Providers, side by side on one model, batch and loss:
 - autograd: plain autograd through the unrolled loop (`purify(grad="autograd")`).
 - checkpoint-per-step: torch.utils.checkpoint around every step (no activations kept, every step recomputed).
 - rdp-adjoint: `purify(grad="adjoint")`, the checkpointed adjoint.
+- rdp-adjoint-graphed (GPU only): the same adjoint replayed from CUDA graphs (`graphs=True`), timed after
+  one untimed call that captures them.
 - no-grad-purify: the purification alone under no_grad, the memory reference for the others.
 
 Models: on the CPU the default model's size (DDPM++ nf 32, 1.26M parameters) at batch 4; on a GPU the DDPM++
@@ -36,7 +38,8 @@ from rdp_core.train import CPU_MODEL
 from diffpure_sde import torchsde_purify
 
 T_STAR = 0.1
-PROVIDERS = ["torchsde-adjoint", "autograd", "checkpoint-per-step", "rdp-adjoint", "no-grad-purify"]
+PROVIDERS = ["torchsde-adjoint", "autograd", "checkpoint-per-step", "rdp-adjoint", "rdp-adjoint-graphed",
+             "no-grad-purify"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,10 +62,11 @@ def _loss(classifier, purified, y):
     return F.cross_entropy(classifier(purified), y)
 
 
-def _rdp(grad):
+def _rdp(grad, graphs=None):
     def run(model, classifier, x, y):
         x = x.clone().requires_grad_(True)
-        out = rdp_core.purify(x, T_STAR, model=model, grad=grad, generator=torch.Generator().manual_seed(1))
+        out = rdp_core.purify(x, T_STAR, model=model, grad=grad, generator=torch.Generator().manual_seed(1),
+                              graphs=graphs)
         return torch.autograd.grad(_loss(classifier, out, y), x)[0]
 
     return run
@@ -100,6 +104,7 @@ RUNS = {
     "autograd": _rdp("autograd"),
     "checkpoint-per-step": _checkpoint_per_step,
     "rdp-adjoint": _rdp("adjoint"),
+    "rdp-adjoint-graphed": _rdp("adjoint", graphs=True),
     "no-grad-purify": _no_grad_purify,
 }
 
@@ -124,11 +129,15 @@ def _devices():
 def test_input_gradient_through_purification(timed, benchmark, device, provider):
     if provider == "torchsde-adjoint":
         pytest.importorskip("torchsde", reason="pip install torchsde to compare with DiffPure's adjoint")
+    if provider == "rdp-adjoint-graphed" and device == "cpu":
+        pytest.skip("CUDA graphs need a CUDA device")
     model, classifier, x, y = _setup(device)
     device = torch.device(device)
     benchmark.group = f"gradient-t0.1-sde100-{device.type}-batch{x.shape[0]}"
     run = functools.partial(RUNS[provider], model, classifier, x, y)
     try:
+        if provider == "rdp-adjoint-graphed":
+            run()  # captures the graphs: a one-off cost, not part of a gradient
         if device.type == "cuda":  # the allocator's peak over the timed runs: no extra run of 10-30 s
             with cuda_peak_memory(benchmark):
                 timed(run, device, provider=provider, batch=x.shape[0])
