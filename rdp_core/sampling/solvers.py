@@ -19,8 +19,6 @@ Solvers (`make_solver` names):
 """
 import math
 
-import torch
-
 from rdp_core.sampling.schedule import VP
 
 DIFFPURE_DT = 1e-3

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from rdp_core.attacks import autoattack, predict_votes
 

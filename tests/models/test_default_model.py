@@ -42,3 +42,13 @@ def test_non_trained_files_are_refused(tmp_path):
         load_trained(tmp_path / "plain.safetensors")
     with pytest.raises(FileNotFoundError):
         load_trained(tmp_path / "absent.safetensors")
+
+
+@pytest.mark.parametrize("t", [0.05, 0.1, 0.3])
+def test_the_default_model_really_denoises_real_test_images(data_root, t):
+    # The one-step denoised estimate on CIFAR-10 test images (never seen in training) against predicting zero
+    # noise, i.e. taking x_t / sqrt(alpha_bar) for the image: a model that learnt nothing is not better.
+    images, _ = load_cifar10("test", root=data_root, dtype=torch.float32, limit=64)
+    model = load_default_eps_model()
+    zero_noise = denoising_psnr(lambda x, t: torch.zeros_like(x), images, t)
+    assert denoising_psnr(model, images, t) > zero_noise + 3.0
