@@ -11,6 +11,9 @@ row logsumexp (base 2, of the scores already multiplied by log2(e) / sqrt(head_d
 query block for dQ, both recomputing the probabilities tile by tile from the saved logsumexp. Two kernels
 instead of one with atomics keep dQ deterministic.
 
+Bounds masks only where a tile is partial: at the UNet shapes every tile is full and the kernels compile
+without masked loads, stores or score selects (triton.heuristics flags; the interpreter tests cover both).
+
 Head dims up to 512 (DDPM++ has one head of 256 channels, larger configs 512). The whole head_dim stays in one
 tile: tiling over it would recompute every score tile once per head_dim chunk. Instead the query/key block
 sizes shrink as head_dim grows so that the q, k, v tiles (shared memory, fp16: block * head_dim * 2 bytes
@@ -30,21 +33,51 @@ import triton.language as tl
 _INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
 
+# Which tiles need no bounds masks: at the UNet shapes (64, 256, 1024 tokens; head_dim 64, 256 or 512) every
+# tile is full, and the masked loads, stores and score selects then compile away.
+_EVEN = {
+    "EVEN_M": lambda a: a["tokens"] % a["BLOCK_M"] == 0,
+    "EVEN_MD": lambda a: a["tokens"] % a["BLOCK_M"] == 0 and a["head_dim"] == a["BLOCK_D"],
+    "EVEN_ND": lambda a: a["tokens"] % a["BLOCK_N"] == 0 and a["head_dim"] == a["BLOCK_D"],
+    # Scores of padded query rows or key columns must be masked out (positive flags: plain constexpr ifs).
+    "MASK_KEYS": lambda a: a["tokens"] % a["BLOCK_N"] != 0,
+    "MASK_SCORES": lambda a: a["tokens"] % a["BLOCK_M"] != 0 or a["tokens"] % a["BLOCK_N"] != 0,
+}
 
+
+@triton.jit
+def _load(pointers, mask, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(pointers)
+    else:
+        return tl.load(pointers, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store(pointers, value, mask, EVEN: tl.constexpr):
+    if EVEN:
+        tl.store(pointers, value)
+    else:
+        tl.store(pointers, value, mask=mask)
+
+
+@triton.heuristics(_EVEN)
 @triton.jit
 def _attention_fwd_kernel(Q, K, V, O, LSE,
                           sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                           heads, tokens, head_dim, qk_scale,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PRECISION: tl.constexpr):
+                          PRECISION: tl.constexpr, EVEN_M: tl.constexpr,
+                          EVEN_MD: tl.constexpr, EVEN_ND: tl.constexpr, MASK_KEYS: tl.constexpr,
+                          MASK_SCORES: tl.constexpr):
     pid_bh = tl.program_id(1)
     b, h = pid_bh // heads, pid_bh % heads
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m, mask_d = offs_m < tokens, offs_d < head_dim
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    q = _load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask_md, EVEN_MD)
     k_base, v_base = K + b * skb + h * skh, V + b * svb + h * svh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -53,22 +86,21 @@ def _attention_fwd_kernel(Q, K, V, O, LSE,
         cols = start + offs_n
         mask_n = cols < tokens
         # K^T tile (head_dim x keys): loaded transposed through its strides, no tl.trans needed.
-        kt = tl.load(k_base + cols[None, :] * skn + offs_d[:, None] * skd, mask=mask_d[:, None] & mask_n[None, :],
-                     other=0.0)
+        kt = _load(k_base + cols[None, :] * skn + offs_d[:, None] * skd, mask_d[:, None] & mask_n[None, :], EVEN_ND)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
+        if MASK_KEYS:
+            s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block has at least one real key
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask=mask_n[:, None] & mask_d[None, :],
-                    other=0.0)
+        v = _load(v_base + cols[:, None] * svn + offs_d[None, :] * svd, mask_n[:, None] & mask_d[None, :], EVEN_ND)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, acc.to(O.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(LSE + pid_bh * tokens + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+    _store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, acc.to(O.dtype.element_ty), mask_md,
+           EVEN_MD)
+    _store(LSE + pid_bh * tokens + offs_m, m_i + tl.log2(l_i), mask_m, EVEN_M)
 
 
 @triton.jit
@@ -86,13 +118,16 @@ def _attention_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, son, sod, sdb, sdh,
     tl.store(DELTA + pid_bh * tokens + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=mask_m)
 
 
+@triton.heuristics(_EVEN)
 @triton.jit
 def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
                                sgb, sgh, sgn, sgd,
                                heads, tokens, head_dim, qk_scale, sm_scale,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                               PRECISION: tl.constexpr):
+                               PRECISION: tl.constexpr, EVEN_M: tl.constexpr,
+                               EVEN_MD: tl.constexpr, EVEN_ND: tl.constexpr, MASK_KEYS: tl.constexpr,
+                               MASK_SCORES: tl.constexpr):
     """dK, dV of one key block, over all query blocks; works in the transposed orientation (keys x queries).
     dK and dV share the strides (sgb, ...), being allocated alike."""
     pid_bh = tl.program_id(1)
@@ -102,8 +137,8 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     offs_d = tl.arange(0, BLOCK_D)
     mask_n, mask_d = offs_n < tokens, offs_d < head_dim
     mask_nd = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask_nd, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=mask_nd, other=0.0)
+    k = _load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask_nd, EVEN_ND)
+    v = _load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask_nd, EVEN_ND)
     q_base, do_base = Q + b * sqb + h * sqh, DO + b * sdb + h * sdh
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -111,28 +146,33 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         rows = start + offs_m
         mask_m = rows < tokens
         mask_md = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_base + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
-        do = tl.load(do_base + rows[:, None] * sdn + offs_d[None, :] * sdd, mask=mask_md, other=0.0)
-        lse = tl.load(LSE + pid_bh * tokens + rows, mask=mask_m, other=0.0)
-        delta = tl.load(DELTA + pid_bh * tokens + rows, mask=mask_m, other=0.0)
+        q = _load(q_base + rows[:, None] * sqn + offs_d[None, :] * sqd, mask_md, EVEN_MD)
+        do = _load(do_base + rows[:, None] * sdn + offs_d[None, :] * sdd, mask_md, EVEN_MD)
+        lse = _load(LSE + pid_bh * tokens + rows, mask_m, EVEN_M)
+        delta = _load(DELTA + pid_bh * tokens + rows, mask_m, EVEN_M)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-        pt = tl.where(mask_n[:, None] & mask_m[None, :], tl.exp2(st - lse[None, :]), 0.0)
+        pt = tl.exp2(st - lse[None, :])
+        if MASK_SCORES:
+            pt = tl.where(mask_n[:, None] & mask_m[None, :], pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
     out = b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :] * sgd
-    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask_nd)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask_nd)
+    _store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask_nd, EVEN_ND)
+    _store(DV + out, dv.to(DV.dtype.element_ty), mask_nd, EVEN_ND)
 
 
+@triton.heuristics(_EVEN)
 @triton.jit
 def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                              sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
                              sgb, sgh, sgn, sgd,
                              heads, tokens, head_dim, qk_scale, sm_scale,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                             PRECISION: tl.constexpr):
+                             PRECISION: tl.constexpr, EVEN_M: tl.constexpr,
+                             EVEN_MD: tl.constexpr, EVEN_ND: tl.constexpr, MASK_KEYS: tl.constexpr,
+                             MASK_SCORES: tl.constexpr):
     """dQ of one query block, over all key blocks."""
     pid_bh = tl.program_id(1)
     b, h = pid_bh // heads, pid_bh % heads
@@ -141,25 +181,27 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     offs_d = tl.arange(0, BLOCK_D)
     mask_m, mask_d = offs_m < tokens, offs_d < head_dim
     mask_md = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=mask_md, other=0.0)
-    lse = tl.load(LSE + pid_bh * tokens + offs_m, mask=mask_m, other=0.0)
-    delta = tl.load(DELTA + pid_bh * tokens + offs_m, mask=mask_m, other=0.0)
+    q = _load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask_md, EVEN_MD)
+    do = _load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask_md, EVEN_MD)
+    lse = _load(LSE + pid_bh * tokens + offs_m, mask_m, EVEN_M)
+    delta = _load(DELTA + pid_bh * tokens + offs_m, mask_m, EVEN_M)
     k_base, v_base = K + b * skb + h * skh, V + b * svb + h * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, tokens, BLOCK_N):
         cols = start + offs_n
         mask_n = cols < tokens
         mask_dn = mask_d[:, None] & mask_n[None, :]
-        kt = tl.load(k_base + cols[None, :] * skn + offs_d[:, None] * skd, mask=mask_dn, other=0.0)
-        vt = tl.load(v_base + cols[None, :] * svn + offs_d[:, None] * svd, mask=mask_dn, other=0.0)
+        kt = _load(k_base + cols[None, :] * skn + offs_d[:, None] * skd, mask_dn, EVEN_ND)
+        vt = _load(v_base + cols[None, :] * svn + offs_d[:, None] * svd, mask_dn, EVEN_ND)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.exp2(s - lse[:, None])
+        if MASK_SCORES:
+            p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
-    tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :] * sgd,
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask_md)
+    _store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :] * sgd,
+           (dq * sm_scale).to(DQ.dtype.element_ty), mask_md, EVEN_MD)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per padded head_dim for the GPU autotuner; see the module
