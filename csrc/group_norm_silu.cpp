@@ -231,6 +231,26 @@ int64_t chunks_per_sample(const GroupNormArgs& args) {
   return (args.spatial + per_chunk - 1) / per_chunk;
 }
 
+// Runs body(task, sample, p0, p1, scratch) for every chunk [p0, p1) of positions of every sample (task numbers
+// them sample by sample) on the OpenMP threads, each thread with its own scratch of scratch_floats floats.
+template <typename Body>
+void for_each_chunk(const GroupNormArgs& args, int64_t scratch_floats, Body body) {
+  const int64_t chunks = chunks_per_sample(args), per_chunk = chunk_positions(args.channels);
+#ifdef _OPENMP
+#pragma omp parallel
+#endif
+  {
+    std::vector<float> scratch(scratch_floats);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t task = 0; task < args.n * chunks; ++task) {
+      const int64_t sample = task / chunks, p0 = task % chunks * per_chunk;
+      body(task, sample, p0, std::min(args.spatial, p0 + per_chunk), scratch.data());
+    }
+  }
+}
+
 // Mean and sum of squared deviations of one group over one chunk.
 struct Moments {
   double mean, m2;
@@ -328,23 +348,11 @@ void normalize_chunk(const GroupNormArgs& args, int64_t sample, int64_t p0, int6
 }
 
 void forward_channels_last(const GroupNormArgs& args, double eps, float* y, float* mean, float* rstd) {
-  const int64_t chunks = chunks_per_sample(args), per_chunk = chunk_positions(args.channels);
-  const int64_t tasks = args.n * chunks, channels = args.channels;
-  std::vector<Moments> moments(tasks * args.groups);
-#ifdef _OPENMP
-#pragma omp parallel
-#endif
-  {
-    std::vector<float> scratch(2 * channels);
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t p0 = task % chunks * per_chunk;
-      chunk_moments(args, task / chunks, p0, std::min(args.spatial, p0 + per_chunk), scratch.data(),
-                    moments.data() + task * args.groups);
-    }
-  }
+  const int64_t chunks = chunks_per_sample(args), channels = args.channels;
+  std::vector<Moments> moments(args.n * chunks * args.groups);
+  for_each_chunk(args, 2 * channels, [&](int64_t task, int64_t sample, int64_t p0, int64_t p1, float* scratch) {
+    chunk_moments(args, sample, p0, p1, scratch, moments.data() + task * args.groups);
+  });
   ChannelFactors factors(args.n * channels);
   const int64_t per_group = channels / args.groups;
   for (int64_t ng = 0; ng < args.n * args.groups; ++ng) {
@@ -365,14 +373,11 @@ void forward_channels_last(const GroupNormArgs& args, double eps, float* y, floa
       factors.b[i] = static_cast<float>(affine.beta - a * rounding);
     }
   }
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static)
-#endif
-  for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t sample = task / chunks, p0 = task % chunks * per_chunk, at = sample * channels;
-    normalize_chunk(args, sample, p0, std::min(args.spatial, p0 + per_chunk), factors.centre.data() + at,
-                    factors.a.data() + at, factors.b.data() + at, y);
-  }
+  for_each_chunk(args, 0, [&](int64_t, int64_t sample, int64_t p0, int64_t p1, float*) {
+    const int64_t at = sample * channels;
+    normalize_chunk(args, sample, p0, p1, factors.centre.data() + at, factors.a.data() + at, factors.b.data() + at,
+                    y);
+  });
 }
 
 // Per-channel inputs of the backward for one sample: x_hat = (x - centre) * rstd, z = x_hat * alpha + beta.
@@ -443,8 +448,7 @@ void chunk_grad_x(const GroupNormArgs& args, int64_t sample, int64_t p0, int64_t
 
 void backward_channels_last(const GroupNormArgs& args, const float* mean, const float* rstd, const float* grad_y,
                             float* grad_x, double* parameter_sums) {
-  const int64_t chunks = chunks_per_sample(args), per_chunk = chunk_positions(args.channels);
-  const int64_t tasks = args.n * chunks, channels = args.channels, per_group = channels / args.groups;
+  const int64_t chunks = chunks_per_sample(args), channels = args.channels, per_group = channels / args.groups;
   BackwardFactors factors(args.n * channels);
   for (int64_t i = 0; i < args.n * channels; ++i) {
     const int64_t sample = i / channels, ng = sample * args.groups + i % channels / per_group;
@@ -454,24 +458,13 @@ void backward_channels_last(const GroupNormArgs& args, const float* mean, const 
     factors.alpha[i] = affine.alpha;
     factors.beta[i] = affine.beta;
   }
-  std::vector<double> chunk_sums(tasks * 2 * channels);
-#ifdef _OPENMP
-#pragma omp parallel
-#endif
-  {
-    std::vector<float> scratch(2 * channels);
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t p0 = task % chunks * per_chunk;
-      chunk_dz_sums(args, task / chunks, p0, std::min(args.spatial, p0 + per_chunk), factors, grad_y, grad_x,
-                    scratch.data(), chunk_sums.data() + task * 2 * channels);
-    }
-  }
+  std::vector<double> chunk_sums(args.n * chunks * 2 * channels);
+  for_each_chunk(args, 2 * channels, [&](int64_t task, int64_t sample, int64_t p0, int64_t p1, float* scratch) {
+    chunk_dz_sums(args, sample, p0, p1, factors, grad_y, grad_x, scratch, chunk_sums.data() + task * 2 * channels);
+  });
   // Per (sample, channel) sums over all chunks, then the group means m1, m2 broadcast per channel.
   std::vector<double> sums(2 * args.n * channels, 0.0);
-  for (int64_t task = 0; task < tasks; ++task) {
+  for (int64_t task = 0; task < args.n * chunks; ++task) {
     const double* chunk = chunk_sums.data() + task * 2 * channels;
     double* total = sums.data() + task / chunks * 2 * channels;
     for (int64_t j = 0; j < 2 * channels; ++j) total[j] += chunk[j];
@@ -488,14 +481,10 @@ void backward_channels_last(const GroupNormArgs& args, const float* mean, const 
     std::fill(m1.begin() + first, m1.begin() + first + per_group, static_cast<float>(group_dz / count));
     std::fill(m2.begin() + first, m2.begin() + first + per_group, static_cast<float>(group_dz_xhat / count));
   }
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static)
-#endif
-  for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t sample = task / chunks, p0 = task % chunks * per_chunk, at = sample * channels;
-    chunk_grad_x(args, sample, p0, std::min(args.spatial, p0 + per_chunk), factors, m1.data() + at, m2.data() + at,
-                 grad_y, grad_x);
-  }
+  for_each_chunk(args, 0, [&](int64_t, int64_t sample, int64_t p0, int64_t p1, float*) {
+    const int64_t at = sample * channels;
+    chunk_grad_x(args, sample, p0, p1, factors, m1.data() + at, m2.data() + at, grad_y, grad_x);
+  });
   if (parameter_sums) std::copy(sums.begin(), sums.end(), parameter_sums);
 }
 
