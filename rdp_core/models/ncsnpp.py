@@ -84,6 +84,8 @@ def _rescaled_skip(x, h):
     """(x + h) / sqrt(2), score_sde's rescaled skip connection, with the same rounding, computed in place in h: h
     is a fresh convolution output that nothing else holds (a convolution's backward does not read its output),
     so this saves an allocation and a pass over memory."""
+    if torch.result_type(x, h) != h.dtype:  # mixed precision: keep the wider result, as the plain sum would
+        return (x + h) / math.sqrt(2.0)
     return h.add_(x).div_(math.sqrt(2.0))
 
 
@@ -97,7 +99,7 @@ class NIN(nn.Module):
 
     def forward(self, x):
         # The same product as score_sde's einsum, as a 1x1 convolution: it follows x's memory layout, and on the
-        # CPU oneDNN's convolution runs it about 2x faster than the float32 matmul einsum would call.
+        # CPU oneDNN's convolution runs it faster than the float32 matmul einsum would call (bench/RESULTS.md).
         return F.conv2d(x, self.W.t()[:, :, None, None], self.b)
 
 

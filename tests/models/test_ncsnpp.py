@@ -221,3 +221,15 @@ def test_engine_layout_refuses_a_model_spread_over_devices():
     model.all_modules[0].to("meta")
     with pytest.raises(ValueError, match="spread over devices"):
         engine_layout(model)
+
+
+@pytest.mark.parametrize("h_dtype", [torch.float32, torch.bfloat16])
+def test_rescaled_skip_is_the_plain_sum_bit_for_bit(h_dtype):
+    # Summed in place in the convolution's output, yet the same values and dtype as (x + h) / sqrt(2), also when
+    # autocast hands a bfloat16 h beside a float32 x (the wider result is kept, not rounded into h).
+    from rdp_core.models.ncsnpp import _rescaled_skip
+
+    x, h = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4).to(h_dtype)
+    expected = (x + h) / math.sqrt(2.0)
+    out = _rescaled_skip(x, h.clone())
+    assert out.dtype == expected.dtype and torch.equal(out, expected)
