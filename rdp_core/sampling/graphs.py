@@ -68,12 +68,14 @@ class _StaticInputs:
         self.start = example.detach().clone()
         self.noise = torch.randn(per_step, dtype=example.dtype, device=example.device) if stochastic else None
         self.guidance_noise = torch.randn(per_step, dtype=example.dtype, device=example.device) if guided else None
+        self.guidance_draws = False  # set by the capture when the objective reads its noise (GDMP on x_t does)
         self.reference = tuple(r.detach().clone() for r in reference)
 
     def noise_at(self, index):
         """The StepNoise-style draw `index` from the buffers (step i >= 0, guidance draws below -1)."""
         if index >= 0:
             return self.noise[index]
+        self.guidance_draws = True
         return self.guidance_noise[guidance_step(index)]
 
     def load(self, x_t, noise, reference):
@@ -84,7 +86,7 @@ class _StaticInputs:
             for i in range(self.num_steps):
                 if self.noise is not None:
                     self.noise[i].copy_(noise(i))
-                if self.guidance_noise is not None:
+                if self.guidance_draws:  # an objective that never draws would only make each load slower
                     self.guidance_noise[i].copy_(noise(guidance_draw(i)))
 
 
