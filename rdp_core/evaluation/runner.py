@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -137,7 +138,7 @@ def write_summary(out_dir, config, records):
     summary = summarize(records, config["norm"])
     provenance = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "device": device_name(torch.device(config["device"]))}
+                  "device": device_name(torch.device(config["device"])), "code": code_version()}
     (out_dir / "summary.json").write_text(json.dumps({**provenance, "config": config, **summary}, indent=2))
     (out_dir / "summary.md").write_text(markdown(summary, config))
     plot_accuracy_vs_eps(summary, config, out_dir / "accuracy_vs_eps.png")
@@ -241,10 +242,29 @@ def _record(job, index, label, votes, delta, trace, k, seconds):
     return record
 
 
+def code_version():
+    """Which code made a result: rdp_core's version and, run from a git checkout, its commit and whether the
+    tracked files differed from it (a figure from uncommitted code cannot be reproduced from the commit)."""
+    from rdp_core import __version__
+
+    code = {"rdp_core": __version__}
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=30)
+        changes = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return code
+    if commit.returncode == 0 and changes.returncode == 0:
+        code.update(git_commit=commit.stdout.strip(), git_dirty=bool(changes.stdout.strip()))
+    return code
+
+
 def device_name(device):
     """What a result was measured on: the GPU's name, or the CPU's and the thread count."""
     if device.type == "cuda":
-        return torch.cuda.getdevice_name(device)
+        return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 

@@ -105,3 +105,16 @@ def test_torchrun_shards_the_images_over_two_gloo_processes(data_root, tmp_path)
                 for p in (out / "records").glob("*.jsonl")}
     assert per_file == {"rank0-of-2.jsonl": {0}, "rank1-of-2.jsonl": {1}}
     assert json.loads((out / "summary.json").read_text())["n_images"] == 7
+
+
+def test_results_name_the_gpu_and_the_code_that_made_them(monkeypatch):
+    from pathlib import Path
+
+    from rdp_core.evaluation.runner import code_version, device_name
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"Some GPU {device}")
+    assert device_name(torch.device("cuda", 0)) == "Some GPU cuda:0"
+    code = code_version()
+    assert code["rdp_core"] == __import__("rdp_core").__version__
+    if (Path(__file__).resolve().parents[2] / ".git").exists():  # a checkout: the commit is recorded
+        assert len(code["git_commit"]) == 40 and isinstance(code["git_dirty"], bool)

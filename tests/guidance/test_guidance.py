@@ -157,3 +157,18 @@ def test_representation_is_one_forward_of_the_classifier():
     features, logits = network.representation(x, "layer3")
     torch.testing.assert_close(logits, network(x))
     assert features.shape == (2, 64, 2, 2)
+
+
+def test_adversarial_objective_is_the_squared_latent_norm_plus_the_weighted_log_probability():
+    # The formula: g = -||f_L(x) - f_L(x_in)||^2 + lam * log p_f(y_hat | x). A mean in place of the
+    # norm (what an earlier version computed) makes the latent term 64 to 4096 times weaker at CIFAR layers.
+    network, x_in, x = auxiliary_network(), rgb_images(seed=1) * 2 - 1, rgb_images(seed=2) * 2 - 1
+    guidance = AdversarialGuidance(network, layer="layer2", lam=0.5)
+    reference = guidance.prepare(x_in)
+    g = guidance.objective(None, None, x, reference, draw=None)
+    features_in, logits_in = network.representation((x_in + 1) / 2, "layer2")
+    features, logits = network.representation((x + 1) / 2, "layer2")
+    y_hat = logits_in.argmax(1)
+    expected = torch.stack([-(features[i] - features_in[i]).square().sum()
+                            + 0.5 * torch.log_softmax(logits[i], 0)[y_hat[i]] for i in range(len(x))])
+    torch.testing.assert_close(g, expected)
