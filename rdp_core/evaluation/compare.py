@@ -139,10 +139,11 @@ def markdown(comparison):
              ""]
     for row in comparison["rows"]:
         lines += [f"eps {eps_text(row['eps'], attack['norm'])}, {row['n']} images:", "",
-                  "| defense | clean | robust | clean - baseline | robust - baseline | robust: only this / only baseline, p |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "| run | defense | clean | robust | clean - baseline | robust - baseline "
+                  "| robust: only this / only baseline, p |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for run in row["runs"]:
-            cells = [run["defense"], _entry(run["clean"]), _entry(run["robust"])]
+            cells = [_run_name(run), run["defense"], _entry(run["clean"]), _entry(run["robust"])]
             if "robust_vs_baseline" in run:
                 clean_d, robust_d = run["clean_vs_baseline"], run["robust_vs_baseline"]
                 cells += [_difference(clean_d), _difference(robust_d),
@@ -152,6 +153,11 @@ def markdown(comparison):
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _run_name(run):
+    # The run's folder tells apart runs whose configurations agree (the same defense made by different code).
+    return Path(run["out_dir"]).name
 
 
 def _entry(entry):
@@ -172,7 +178,7 @@ def plot(comparison, path):
     rows = comparison["rows"]
     fig, axes = plt.subplots(1, len(rows), figsize=(1.6 + 1.9 * len(rows[0]["runs"]), 3.6), dpi=120, squeeze=False)
     for ax, row in zip(axes[0], rows):
-        names = [run["defense"].split(" (")[0].split(",")[0] for run in row["runs"]]
+        names = [_run_name(run) for run in row["runs"]]
         for offset, kind in ((-0.2, "clean"), (0.2, "robust")):
             values = [run[kind]["accuracy"] for run in row["runs"]]
             errors = [[v - run[kind]["ci95"][0] for v, run in zip(values, row["runs"])],

@@ -102,6 +102,7 @@ def evaluate(config, classifier, eps_model=None, out_dir="runs/eval", *, images=
     data_root); image i of the records is images[i]. Returns None on ranks other than 0.
     """
     rank, world_size = distributed.rank_and_world()
+    code = code_version()  # before the work: files edited while it runs did not make these results
     device = torch.device(config.device)
     store = RecordStore(out_dir, rank, world_size)
     if rank == 0:
@@ -130,15 +131,15 @@ def evaluate(config, classifier, eps_model=None, out_dir="runs/eval", *, images=
         return None
     # A resumed run may ask for fewer images than an earlier one wrote: the summary is of the images asked for.
     records = [r for r in store.read_all() if r["index"] < config.n_images]
-    return write_summary(out_dir, _config_dict(config), records)
+    return write_summary(out_dir, _config_dict(config), records, code)
 
 
-def write_summary(out_dir, config, records):
+def write_summary(out_dir, config, records, code=None):
     out_dir = Path(out_dir)
     summary = summarize(records, config["norm"])
     provenance = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "device": device_name(torch.device(config["device"])), "code": code_version()}
+                  "device": device_name(torch.device(config["device"])), "code": code or code_version()}
     (out_dir / "summary.json").write_text(json.dumps({**provenance, "config": config, **summary}, indent=2))
     (out_dir / "summary.md").write_text(markdown(summary, config))
     plot_accuracy_vs_eps(summary, config, out_dir / "accuracy_vs_eps.png")
@@ -242,17 +243,24 @@ def _record(job, index, label, votes, delta, trace, k, seconds):
     return record
 
 
+# What computes results; edits elsewhere (docs, tests) do not make a run's code differ from its commit.
+CODE_PATHS = ("rdp_core", "csrc", "kernels", "setup.py", "pyproject.toml")
+
+
 def code_version():
     """Which code made a result: rdp_core's version and, run from a git checkout, its commit and whether the
-    tracked files differed from it (a figure from uncommitted code cannot be reproduced from the commit)."""
+    code (CODE_PATHS) differed from it: a figure from uncommitted code cannot be reproduced from the commit."""
     from rdp_core import __version__
 
     code = {"rdp_core": __version__}
     root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():  # an installed copy: the repository around it, if any, is not its source
+        return code
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=30)
-        changes = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        changes = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                  *CODE_PATHS],
                                  capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return code

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import binomtest
 
 from rdp_core.cli import main
-from rdp_core.evaluation.compare import compare, mcnemar_p, paired_difference
+from rdp_core.evaluation.compare import compare, markdown, mcnemar_p, paired_difference
 from rdp_core.evaluation.summary import wilson_interval
 
 
@@ -126,3 +126,11 @@ def test_compare_command_writes_table_json_and_png(tmp_path, capsys):
         assert (tmp_path / "cmp" / name).stat().st_size > 0
     with pytest.raises(SystemExit, match="at least two"):
         main(["compare", str(base), "--out", str(tmp_path / "cmp2")])
+
+
+def test_runs_of_the_same_defense_are_told_apart_by_their_folder(tmp_path):
+    base = write_run(tmp_path / "diffpure", "diffpure", clean=[(True, True)] * 2, attacked=[(True, False)] * 2)
+    old = write_run(tmp_path / "agdm_old", "agdm", clean=[(True, True)] * 2, attacked=[(True, True)] * 2)
+    new = write_run(tmp_path / "agdm_new", "agdm", clean=[(True, True)] * 2, attacked=[(True, False)] * 2)
+    table = markdown(compare([base, old, new]))
+    assert "| agdm_old | agdm, t*=0.1 |" in table and "| agdm_new | agdm, t*=0.1 |" in table

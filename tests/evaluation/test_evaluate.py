@@ -110,11 +110,14 @@ def test_torchrun_shards_the_images_over_two_gloo_processes(data_root, tmp_path)
 def test_results_name_the_gpu_and_the_code_that_made_them(monkeypatch):
     from pathlib import Path
 
+    import rdp_core
     from rdp_core.evaluation.runner import code_version, device_name
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"Some GPU {device}")
     assert device_name(torch.device("cuda", 0)) == "Some GPU cuda:0"
     code = code_version()
-    assert code["rdp_core"] == __import__("rdp_core").__version__
-    if (Path(__file__).resolve().parents[2] / ".git").exists():  # a checkout: the commit is recorded
+    assert code["rdp_core"] == rdp_core.__version__
+    if (Path(rdp_core.__file__).resolve().parents[1] / ".git").exists():  # run from a checkout: its commit
         assert len(code["git_commit"]) == 40 and isinstance(code["git_dirty"], bool)
+    else:
+        assert "git_commit" not in code
