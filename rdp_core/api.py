@@ -138,7 +138,8 @@ class Purifier(nn.Module):
         # Reject a bad configuration now, not at the first call.
         make_solver(solver, t_star, steps, schedule, **solver_options)
         check_grad_mode(grad)
-        self.guidance = make_guidance(guidance, _device_of(model), **(guidance_options or {}))
+        guidance_device = _model_device(model) or torch.device("cpu")
+        self.guidance = make_guidance(guidance, guidance_device, **(guidance_options or {}))
         # Registered as a submodule, so that moving the Purifier moves the auxiliary network too.
         self.guidance_network = getattr(self.guidance, "network", None)
         self.graphs = graphs
@@ -195,17 +196,18 @@ def check_grad_mode(grad):
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
 
 
-def _device_of(model):
-    tensor = next(model.parameters(), None) if isinstance(model, nn.Module) else None
-    return tensor.device if tensor is not None else torch.device("cpu")
+def _model_device(model):
+    """The device of the model's first parameter (or buffer); None for a plain function or an empty module."""
+    if not isinstance(model, nn.Module):
+        return None
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return None if tensor is None else tensor.device
 
 
 def check_model_device(model, x):
     """ValueError when the model's parameters or buffers live on another device than `x`."""
-    if not isinstance(model, nn.Module):
-        return
-    tensor = next(model.parameters(), None)
-    if tensor is None:
-        tensor = next(model.buffers(), None)
-    if tensor is not None and tensor.device != x.device:
-        raise ValueError(f"model is on {tensor.device} but the images are on {x.device}; move one to the other")
+    device = _model_device(model)
+    if device is not None and device != x.device:
+        raise ValueError(f"model is on {device} but the images are on {x.device}; move one to the other")
