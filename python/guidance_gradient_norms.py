@@ -10,6 +10,7 @@ chosen at one layer translates to another (python/guidance_clean_accuracy.py's L
 """
 import argparse
 import json
+import math
 
 import torch
 
@@ -22,10 +23,9 @@ from rdp_core.sampling.schedule import VP
 def term_gradient_norms(model, network, x_in, t, layer, generator):
     """(median latent-term gradient norm, median classifier-term gradient norm) at diffusion time t."""
     times = torch.full((len(x_in),), t)
-    alpha_bar = VP.alpha_bar(times).view(-1, 1, 1, 1)
-    noise = torch.randn(x_in.shape, generator=generator)
-    x_t = (alpha_bar.sqrt() * x_in + (1 - alpha_bar).sqrt() * noise).requires_grad_(True)
-    x0_hat = (x_t - (1 - alpha_bar).sqrt() * model(x_t, times)) / alpha_bar.sqrt()
+    alpha_bar = VP.alpha_bar(torch.tensor(t, dtype=torch.float64)).item()
+    x_t = VP.diffuse(x_in, torch.randn(x_in.shape, generator=generator), alpha_bar).requires_grad_(True)
+    x0_hat = (x_t - math.sqrt(1 - alpha_bar) * model(x_t, times)) / math.sqrt(alpha_bar)
     norms = []
     for options in ({"lam": 0.0}, {"latent": False}):
         guidance = AdversarialGuidance(network, layer=layer, **options)
