@@ -25,7 +25,7 @@ import torch
 
 from rdp_core.api import Purifier
 from rdp_core.attacks import autoattack, pgd_eot, predict_votes
-from rdp_core.attacks.pgd import DEFAULT_EPS, NORMS
+from rdp_core.attacks.pgd import DEFAULT_EPS, LINF_STEP, NORMS, default_step_size
 from rdp_core.evaluation import distributed
 from rdp_core.evaluation.records import RecordStore, eps_key
 from rdp_core.evaluation.summary import markdown, plot_accuracy_vs_eps, summarize
@@ -45,7 +45,7 @@ class EvalConfig:
     n_images: int = 64
     iterations: int = 200  # PGD iterations; APGD and FAB iterations for AutoAttack (which uses 100)
     eot: int = 20
-    step_size: float = 0.007
+    step_size: float = None  # None: 0.007 in l_inf; eps / 4 in l_2, for each eps (attacks.pgd.default_step_size)
     votes: int = 10  # purifications per verdict
     t_star: float = 0.1
     solver: str = "sde"
@@ -76,6 +76,10 @@ class EvalConfig:
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         self.eps = tuple(float(e) for e in self.eps) or (DEFAULT_EPS[self.norm],)
+        if self.step_size is None and self.norm == "linf":
+            self.step_size = LINF_STEP  # one number for every eps, as recorded before l_2 had its own default
+        if self.step_size is not None and not self.step_size > 0:
+            raise ValueError(f"step_size must be positive, got {self.step_size}")
         if any(not (0 < e < math.inf) for e in self.eps):
             raise ValueError(f"every eps must be positive and finite, got {self.eps}")
         for name in ("n_images", "iterations", "eot", "votes", "batch_size", "sanity_images", "sanity_iterations"):
@@ -203,7 +207,7 @@ class _Evaluation:
             return x, None
         if job.kind == "undefended":
             # Enough step length to reach the ball's edge in the given iterations, whatever the norm.
-            step = max(c.step_size, 2.5 * job.eps / c.sanity_iterations)
+            step = max(self._step_size(job.eps), 2.5 * job.eps / c.sanity_iterations)
             result = pgd_eot(self.classifier, x, y, norm=c.norm, eps=job.eps, iterations=c.sanity_iterations,
                              step_size=step, eot=1, generator=self.generator)
             return result.x_adv, result.correct_fraction
@@ -219,9 +223,12 @@ class _Evaluation:
                                 progress=self.progress)
             return result.x_adv, None
         result = pgd_eot(self.gradient_model, x, y, norm=c.norm, eps=job.eps, iterations=c.iterations,
-                         step_size=c.step_size, eot=c.eot, eot_chunk=c.eot_chunk, generator=self.generator,
-                         progress=self.progress)
+                         step_size=self._step_size(job.eps), eot=c.eot, eot_chunk=c.eot_chunk,
+                         generator=self.generator, progress=self.progress)
         return result.x_adv, result.correct_fraction
+
+    def _step_size(self, eps):
+        return default_step_size(self.config.norm, eps) if self.config.step_size is None else self.config.step_size
 
     def _all_votes_right(self, x, y):
         return (predict_votes(self.defense, x, self.config.votes, self.config.eot_chunk) == y).all(0)

@@ -162,7 +162,7 @@ def markdown(summary, config):
     votes = config.get("votes", 1)
     guidance = config.get("guidance_options")
     defense = f"`{config['defense']}`" + (f" ({', '.join(f'{k}={v}' for k, v in sorted(guidance.items()))})" if guidance else "")
-    lines = [f"defense {defense}, attack `{config['attack']}` ({config['norm']}), "
+    lines = [f"defense {defense}, attack `{config['attack']}` ({config['norm']}{_attack_settings(config)}), "
              f"{summary['n_images']} CIFAR-10 test images, {votes} purification(s) per verdict",
              "", f"| eps | clean (all {votes}) | robust (all {votes}) | clean (majority) | robust (majority) | "
              "per purification: clean / attacked | n |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -176,6 +176,14 @@ def markdown(summary, config):
     lines += ["", "| sanity check | result | detail |", "| --- | --- | --- |"]
     lines += [f"| {c['claim']} | {c['status']} | {c['detail']} |" for c in summary["sanity"]]
     return "\n".join(lines) + "\n"
+
+
+def _attack_settings(config):
+    settings = f", {config['iterations']} iterations x {config['eot']} EOT"
+    if config["attack"] in ("pgd-eot", "bpda-eot"):
+        step = config.get("step_size")
+        settings += ", step " + ("eps/4" if step is None else f"{step:g}")
+    return settings
 
 
 def _cell(entry):

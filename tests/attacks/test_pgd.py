@@ -5,6 +5,7 @@ import torch
 
 import rdp_core
 from rdp_core.attacks import eot_loss_gradient, pgd_eot, predict_votes
+from rdp_core.attacks.pgd import default_step_size
 from rdp_core.models import GaussianEpsModel
 
 
@@ -25,6 +26,16 @@ def test_pgd_breaks_an_undefended_classifier_inside_the_ball(resnet20, test_imag
     assert (size <= eps + 1e-6).all() and result.x_adv.min() >= 0 and result.x_adv.max() <= 1
     assert result.correct_fraction.shape == (10, 16) and result.loss.shape == (10, 16)
     assert result.correct_fraction[-1].mean() < result.correct_fraction[0].mean()
+
+
+def test_default_step_is_the_literatures_in_linf_and_a_quarter_of_eps_in_l2(resnet20, test_images):
+    assert default_step_size("linf", 4 / 255) == 0.007 and default_step_size("l2", 0.5) == 0.125
+    with pytest.raises(ValueError, match="step_size"):
+        default_step_size("l2", math.inf)
+    x, y = (t[:4] for t in test_images)
+    one_step = pgd_eot(resnet20, x, y, norm="l2", eps=0.5, iterations=1, eot=1, random_start=False).x_adv
+    moved = (one_step - x).flatten(1).norm(dim=1)  # a little under 0.125 where [0, 1] clips a pixel
+    assert (moved <= 0.125 + 1e-6).all() and (moved > 0.1).all()
 
 
 def test_masked_gradient_moves_nothing(resnet20, test_images, broken_gradient):

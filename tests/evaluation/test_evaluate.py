@@ -81,10 +81,22 @@ def test_resume_skips_what_is_written_and_refuses_another_configuration(resnet20
     (dict(eps=(0.0,)), "eps"), (dict(votes=0), "votes"), (dict(defense="none", attack="bpda-eot"), "bpda"),
     (dict(defense="diffpure", guidance_options={"scale": 1.0}), "guidance options"),
     (dict(defense="gdmp", auxiliary="aux.safetensors"), "auxiliary network is for"),
+    (dict(step_size=-0.01), "step_size"),
 ])
 def test_bad_configurations_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EvalConfig(**kwargs)
+
+
+def test_step_size_defaults_to_one_number_in_linf_and_to_eps_over_4_in_l2(resnet20, test_images, tmp_path):
+    assert EvalConfig(norm="linf", eps=(2 / 255, 8 / 255)).step_size == 0.007
+    assert EvalConfig(norm="l2", step_size=0.1).step_size == 0.1
+    config = EvalConfig(defense="none", norm="l2", n_images=8, iterations=4, sanity=False, batch_size=8)
+    assert config.step_size is None  # resolved per eps: 0.5 / 4 at the reference radius
+    x, y = (t[:8] for t in test_images)
+    summary = evaluate(config, resnet20, out_dir=tmp_path, images=x, labels=y, progress=False)
+    # l_inf's 0.007 would move an l_2 attack 0.028 in 4 iterations, far inside the ball, and leave most right.
+    assert summary["rows"][0]["robust"]["correct"] == 0
 
 
 def test_torchrun_shards_the_images_over_two_gloo_processes(data_root, tmp_path):

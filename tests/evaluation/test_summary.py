@@ -26,8 +26,12 @@ def test_robust_needs_every_vote_on_both_the_clean_and_the_attacked_image():
     assert row["clean_majority"]["correct"] == 3 and row["robust_majority"]["correct"] == 3
     assert row["robust"]["accuracy"] == 25.0 and row["robust"]["ci95"][0] < 25.0 < row["robust"]["ci95"][1]
     assert row["clean_per_vote"] == pytest.approx(200 / 3) and row["attacked_per_vote"] == pytest.approx(200 / 3)
-    text = markdown(summary, {"defense": "diffpure", "attack": "pgd-eot", "norm": "linf", "votes": 3})
+    config = {"defense": "diffpure", "attack": "pgd-eot", "norm": "linf", "votes": 3, "iterations": 10, "eot": 4,
+              "step_size": 0.007}
+    text = markdown(summary, config)
     assert "| 7.65/255 | 50.00% [" in text and "25.00% [" in text
+    assert "(linf, 10 iterations x 4 EOT, step 0.007)" in text
+    assert "(l2, 10 iterations x 4 EOT, step eps/4)" in markdown(summary, {**config, "norm": "l2", "step_size": None})
 
 
 def test_eps_check_flags_only_a_significant_rise():
