@@ -3,6 +3,7 @@
 # CUDA, then the GPU benchmarks, each step under its own time limit so one slow step cannot eat the lease.
 #   bash bench/gpu_check.sh        (logs and pytest-benchmark JSON go to $OUT)
 #   STEPS="gn attn" bash bench/gpu_check.sh   (a subset; steps: tests gn attn grad purify, or a bench name like model)
+#   STEPS=grad GRAD_PROVIDERS="rdp-adjoint torchsde-adjoint" bash bench/gpu_check.sh   (some gradient providers)
 # torchsde is not on the lent machines: carry its wheels, fetched here into the git-ignored .whl/ with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl torchsde==0.2.6 trampoline==0.1.2
 # Durations seen on an H200 (2026-11-27): gn about 75 s without torch.compile and 70 s more for its fp16
@@ -44,7 +45,11 @@ for s in $STEPS; do case $s in
         --benchmark-warmup=on --benchmark-max-time=0.25 --benchmark-json="$OUT/bench-gn.json" ;;
   attn) step 120 "${BENCH[@]}" bench/bench_attention.py -k gpu \
         --benchmark-warmup=on --benchmark-max-time=0.25 --benchmark-json="$OUT/bench-attn.json" ;;
-  grad) step 240 "${BENCH[@]}" bench/bench_gradient.py -k cuda --benchmark-min-rounds=1 \
-        --benchmark-json="$OUT/bench-grad.json" ;;
+  # One pytest per provider, each writing its own JSON: a limit that stops one keeps the others' figures.
+  grad) for p in ${GRAD_PROVIDERS:-no-grad-purify rdp-adjoint torchsde-adjoint rdp-adjoint-graphed \
+        checkpoint-per-step autograd}; do
+          step 150 "${BENCH[@]}" bench/bench_gradient.py -k "cuda-$p]" --benchmark-min-rounds=1 \
+            --benchmark-json="$OUT/bench-grad-$p.json"
+        done ;;
   *) step 600 "${BENCH[@]}" "bench/bench_$s.py" -k cuda --benchmark-json="$OUT/bench-$s.json" ;;
 esac; done
