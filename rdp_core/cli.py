@@ -147,7 +147,8 @@ def _add_eval_command(commands):
     p.add_argument("--iterations", type=int, default=defaults.iterations,
                    help="PGD iterations (default 200); APGD/FAB iterations for AutoAttack (which uses 100)")
     p.add_argument("--eot", type=int, default=defaults.eot, help="EOT samples per gradient (default 20)")
-    p.add_argument("--step-size", type=float, default=defaults.step_size, help="PGD step (default 0.007 in l_inf, eps/4 in l_2)")
+    p.add_argument("--step-size", type=float, default=defaults.step_size,
+                   help="PGD step (default 0.007 in l_inf, eps/4 in l_2)")
     p.add_argument("--votes", type=int, default=defaults.votes,
                    help="independent purifications per verdict: robust only if right on all (default 10)")
     p.add_argument("--classifier", default=None,

@@ -44,7 +44,8 @@ def pgd_eot(model, x, y, *, norm="linf", eps=None, iterations=200, step_size=Non
     """PGD-EOT against `model` (images in [0, 1] -> logits) from the images `x` with true labels `y`.
 
     Defaults are those of robust evaluations of diffusion purification: 200 iterations, 20 EOT samples,
-    eps 8/255 (l_inf) or 0.5 (l_2), step 0.007 (l_inf) or eps / 4 (l_2; see default_step_size). eps may be math.inf (unbounded: only [0, 1] constrains).
+    eps 8/255 (l_inf) or 0.5 (l_2), step 0.007 (l_inf) or eps / 4 (l_2; see default_step_size). eps may be
+    math.inf (unbounded: only [0, 1] constrains; an unbounded l_2 attack needs its step_size).
     eot_chunk: at most this many EOT copies per forward. loss: (logits, labels) -> per-sample loss to
     ascend (default cross-entropy). generator: draws the random start. Returns a PGDResult.
     """

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from rdp_core.evaluation.records import CONFIG_FILE, RecordStore
-from rdp_core.evaluation.summary import Z_95, accuracy_entry, by_kind, eps_text, wilson_interval
+from rdp_core.evaluation.summary import Z_95, accuracy_entry, attack_text, by_kind, eps_text, wilson_interval
 
 VERDICTS = {"all votes": "correct_all", "majority": "correct_majority"}
 # Settings that must agree for two runs to be compared image by image (the defense's own settings may differ).
@@ -133,8 +133,7 @@ def _defense_name(config):
 
 def markdown(comparison):
     attack = comparison["attack"]
-    lines = [f"{attack['attack']} ({attack['norm']}), {attack['iterations']} iterations x {attack['eot']} EOT, "
-             f"{attack['votes']} purification(s) per verdict, verdict: {comparison['verdict']}; differences are "
+    lines = [f"{attack_text(attack)}, {attack['votes']} purification(s) per verdict, verdict: {comparison['verdict']}; differences are "
              "paired (same images) against the first row, with Newcombe's 95% interval and the exact McNemar p.",
              ""]
     for row in comparison["rows"]:

@@ -207,7 +207,7 @@ class _Evaluation:
             return x, None
         if job.kind == "undefended":
             # Enough step length to reach the ball's edge in the given iterations, whatever the norm.
-            step = max(self._step_size(job.eps), 2.5 * job.eps / c.sanity_iterations)
+            step = max(c.step_size or default_step_size(c.norm, job.eps), 2.5 * job.eps / c.sanity_iterations)
             result = pgd_eot(self.classifier, x, y, norm=c.norm, eps=job.eps, iterations=c.sanity_iterations,
                              step_size=step, eot=1, generator=self.generator)
             return result.x_adv, result.correct_fraction
@@ -223,12 +223,9 @@ class _Evaluation:
                                 progress=self.progress)
             return result.x_adv, None
         result = pgd_eot(self.gradient_model, x, y, norm=c.norm, eps=job.eps, iterations=c.iterations,
-                         step_size=self._step_size(job.eps), eot=c.eot, eot_chunk=c.eot_chunk,
-                         generator=self.generator, progress=self.progress)
+                         step_size=c.step_size, eot=c.eot, eot_chunk=c.eot_chunk, generator=self.generator,
+                         progress=self.progress)
         return result.x_adv, result.correct_fraction
-
-    def _step_size(self, eps):
-        return default_step_size(self.config.norm, eps) if self.config.step_size is None else self.config.step_size
 
     def _all_votes_right(self, x, y):
         return (predict_votes(self.defense, x, self.config.votes, self.config.eot_chunk) == y).all(0)

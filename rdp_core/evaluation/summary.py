@@ -162,7 +162,7 @@ def markdown(summary, config):
     votes = config.get("votes", 1)
     guidance = config.get("guidance_options")
     defense = f"`{config['defense']}`" + (f" ({', '.join(f'{k}={v}' for k, v in sorted(guidance.items()))})" if guidance else "")
-    lines = [f"defense {defense}, attack `{config['attack']}` ({config['norm']}{_attack_settings(config)}), "
+    lines = [f"defense {defense}, attack {attack_text(config)}, "
              f"{summary['n_images']} CIFAR-10 test images, {votes} purification(s) per verdict",
              "", f"| eps | clean (all {votes}) | robust (all {votes}) | clean (majority) | robust (majority) | "
              "per purification: clean / attacked | n |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -178,12 +178,12 @@ def markdown(summary, config):
     return "\n".join(lines) + "\n"
 
 
-def _attack_settings(config):
-    settings = f", {config['iterations']} iterations x {config['eot']} EOT"
+def attack_text(config):
+    """The attack as the reports name it: `pgd-eot` (l2, 10 iterations x 4 EOT, step eps/4)."""
+    text = f"`{config['attack']}` ({config['norm']}, {config['iterations']} iterations x {config['eot']} EOT"
     if config["attack"] in ("pgd-eot", "bpda-eot"):
-        step = config.get("step_size")
-        settings += ", step " + ("eps/4" if step is None else f"{step:g}")
-    return settings
+        text += ", step " + ("eps/4" if config["step_size"] is None else f"{config['step_size']:g}")
+    return text + ")"
 
 
 def _cell(entry):

@@ -134,3 +134,4 @@ def test_runs_of_the_same_defense_are_told_apart_by_their_folder(tmp_path):
     new = write_run(tmp_path / "agdm_new", "agdm", clean=[(True, True)] * 2, attacked=[(True, False)] * 2)
     table = markdown(compare([base, old, new]))
     assert "| agdm_old | agdm, t*=0.1 |" in table and "| agdm_new | agdm, t*=0.1 |" in table
+    assert table.startswith("`pgd-eot` (linf, 10 iterations x 4 EOT, step 0.007), 2 purification(s) per verdict")
