@@ -133,8 +133,9 @@ def _defense_name(config):
 
 def markdown(comparison):
     attack = comparison["attack"]
-    lines = [f"{attack_text(attack)}, {attack['votes']} purification(s) per verdict, verdict: {comparison['verdict']}; differences are "
-             "paired (same images) against the first row, with Newcombe's 95% interval and the exact McNemar p.",
+    lines = [f"{attack_text(attack)}, {attack['votes']} purification(s) per verdict, "
+             f"verdict: {comparison['verdict']}; differences are paired (same images) against the first row, "
+             "with Newcombe's 95% interval and the exact McNemar p.",
              ""]
     for row in comparison["rows"]:
         lines += [f"eps {eps_text(row['eps'], attack['norm'])}, {row['n']} images:", "",
