@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "conv3x3.h"
 #include "group_norm_silu.h"
 
 namespace py = pybind11;
@@ -215,6 +216,39 @@ void attention_bwd(const py::buffer& q, const py::buffer& k, const py::buffer& v
                                static_cast<const float*>(lse_info.ptr), dq_view, dk_view, dv_view);
 }
 
+// The (n, height, width, channels) of a C-contiguous float32 4-D buffer named `name`.
+rdp_core::ConvImageShape image_shape(const py::buffer_info& info, const char* name) {
+  if (info.ndim != 4) {
+    throw py::value_error(std::string(name) + ": expected a 4-D (N, H, W, C) buffer, got " + std::to_string(info.ndim) +
+                          " dimension(s)");
+  }
+  const rdp_core::ConvImageShape shape{info.shape[0], info.shape[1], info.shape[2], info.shape[3]};
+  check_float_buffer(info, name, shape.n * shape.height * shape.width * shape.channels);
+  return shape;
+}
+
+void winograd_conv3x3(const py::buffer& x, const py::buffer& u, const py::object& bias, const py::buffer& y,
+                      bool portable) {
+  const py::buffer_info x_info = x.request(), u_info = u.request(), y_info = y.request(true);
+  const rdp_core::ConvImageShape x_shape = image_shape(x_info, "x");
+  const rdp_core::ConvImageShape y_shape = image_shape(y_info, "y");
+  if (y_shape.n != x_shape.n || y_shape.height != x_shape.height || y_shape.width != x_shape.width) {
+    throw py::value_error("winograd_conv3x3: y must have x's (N, H, W)");
+  }
+  const int64_t in_channels = x_shape.channels, out_channels = y_shape.channels;
+  if (u_info.ndim != 4 || u_info.shape[0] != rdp_core::kWinogradPoints || u_info.shape[2] != in_channels ||
+      u_info.shape[3] != rdp_core::kWinogradPanel || u_info.shape[1] * rdp_core::kWinogradPanel != out_channels) {
+    throw py::value_error("winograd_conv3x3: expected u of shape (36, K / 32, C, 32) for x (N, H, W, C) and "
+                          "y (N, H, W, K)");
+  }
+  check_float_buffer(u_info, "u", rdp_core::kWinogradPoints * in_channels * out_channels);
+  const py::buffer_info bias_info = optional_float_buffer(bias, "bias", out_channels);
+  py::gil_scoped_release release;
+  rdp_core::winograd_conv3x3(x_shape, static_cast<const float*>(x_info.ptr), static_cast<const float*>(u_info.ptr),
+                             static_cast<const float*>(bias_info.ptr), out_channels, static_cast<float*>(y_info.ptr),
+                             portable);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -242,4 +276,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_bwd", &attention_bwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("grad_out"), py::arg("lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
         "dq, dk, dv of attention given grad_out and the forward's out and lse; strided as attention_fwd.");
+  m.def("winograd_conv3x3", &winograd_conv3x3, py::arg("x"), py::arg("u"), py::arg("bias"), py::arg("y"),
+        py::arg("portable") = false,
+        "y = conv3x3(x) + bias by Winograd F(4x4, 3x3) (stride 1, padding 1): x (N, H, W, C) and y (N, H, W, K) "
+        "C-contiguous float32, u the filters packed by rdp_core.ops.conv3x3.winograd_weights as (36, K / 32, C, "
+        "32), bias (K,) or None. portable: the portable product kernel even where the AVX-512 one would run.");
 }

@@ -20,6 +20,7 @@ from torch import nn
 from rdp_core.models.checkpoint import load_strict, read_state
 from rdp_core.ops import GroupNormAct, GroupNormSiLU, group_norm_act
 from rdp_core.ops.attention import attention
+from rdp_core.ops.conv3x3 import Conv2d
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class Upsample(nn.Module):
     def __init__(self, channels, use_conv):
         super().__init__()
         if use_conv:
-            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+            self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         x = F.interpolate(x, scale_factor=2, mode="nearest")
@@ -84,7 +85,7 @@ class Upsample(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels, use_conv):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2, 2)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2, 2)
 
     def forward(self, x):
         return self.op(x)
@@ -99,7 +100,7 @@ class ResBlock(nn.Module):
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(GroupNormSiLU(32, channels), nn.Identity(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+                                       Conv2d(channels, out_channels, 3, padding=1))
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
@@ -113,8 +114,8 @@ class ResBlock(nn.Module):
         first = (GroupNorm32(32, out_channels), nn.SiLU()) if use_scale_shift_norm else \
             (GroupNormSiLU(32, out_channels), nn.Identity())
         self.out_layers = nn.Sequential(*first, nn.Dropout(dropout),
-                                        _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
-        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+                                        _zero(Conv2d(out_channels, out_channels, 3, padding=1)))
+        self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
 
     def forward(self, x, emb):
         h = self.in_layers[0](x)
@@ -179,7 +180,7 @@ class UNetModel(nn.Module):
             return AttentionBlock(ch, c.num_head_channels)
 
         ch = int(c.channel_mult[0] * c.model_channels)
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(c.in_channels, ch, 3, padding=1))])
         chans, ds = [ch], 1
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
@@ -207,7 +208,7 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(GroupNormSiLU(32, ch), nn.Identity(),
-                                 _zero(nn.Conv2d(ch, c.out_channels, 3, padding=1)))
+                                 _zero(Conv2d(ch, c.out_channels, 3, padding=1)))
         self.dtype = torch.float32
 
     def convert_to_fp16(self):

@@ -23,6 +23,7 @@ from torch import nn
 from rdp_core.models.checkpoint import CheckpointMismatch, load_strict, read_state, strip_prefix
 from rdp_core.ops import GroupNormAct, GroupNormSiLU
 from rdp_core.ops.attention import attention
+from rdp_core.ops.conv3x3 import Conv2d
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def _variance_scaling(shape, scale):
 
 
 def _conv(in_ch, out_ch, kernel, stride=1, padding=None, init_scale=1.0):
-    conv = nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2 if padding is None else padding)
+    conv = Conv2d(in_ch, out_ch, kernel, stride, kernel // 2 if padding is None else padding)
     with torch.no_grad():
         conv.weight.copy_(_variance_scaling(conv.weight.shape, init_scale))
         conv.bias.zero_()
