@@ -70,7 +70,8 @@ def main():
         for kind, time_us in sorted(shares.items(), key=lambda item: -item[1]):
             print(f"  {kind:<50} {time_us / 1e3:9.1f} ms  {100 * time_us / total:5.1f}%")
     eager, rdp = outputs
-    print(f"\nmax |rdp - torch-eager| / max |torch-eager| = {((rdp - eager).abs().max() / eager.abs().max()).item():.2g}")
+    difference = ((rdp - eager).abs().max() / eager.abs().max()).item()
+    print(f"\nmax |rdp - torch-eager| / max |torch-eager| = {difference:.2g}")
 
 
 if __name__ == "__main__":

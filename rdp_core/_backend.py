@@ -52,10 +52,16 @@ def _unavailable_reason(backend, x):
     return None
 
 
-def select(op, x, requested="auto", implemented=BACKENDS):
-    """The backend that runs `op` on `x`: one of `implemented`, chosen as the module docstring says."""
-    if requested == "auto":
-        requested = os.environ.get("RDP_CORE_BACKEND", "auto") or "auto"
+def environment_backend():
+    """The backend RDP_CORE_BACKEND names, or "auto"."""
+    return os.environ.get("RDP_CORE_BACKEND", "auto") or "auto"
+
+
+def select(op, x, requested="auto", implemented=BACKENDS, environment=True):
+    """The backend that runs `op` on `x`: one of `implemented`, chosen as the module docstring says (without
+    reading RDP_CORE_BACKEND when `environment` is False: for ops that interpret it themselves)."""
+    if requested == "auto" and environment:
+        requested = environment_backend()
     if requested == "auto":
         for backend in ("triton", "cpp"):
             if backend in implemented and _unavailable_reason(backend, x) is None:

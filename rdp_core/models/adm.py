@@ -6,9 +6,10 @@ norm / qkv / proj_out inside AttentionBlock, with the legacy head-then-qkv split
 `256x256_diffusion_uncond.pt` (DiffPure's ImageNet model) loads strictly. Where a GroupNorm is followed by
 SiLU in a Sequential, the fused GroupNormSiLU sits at the norm's index and nn.Identity at the SiLU's, so no
 key moves; the scale-shift norm (norm, FiLM, SiLU) is one `group_norm_act` call and GroupNorm32 a plain
-`GroupNormAct`, all on rdp_core.ops' dispatched backends. Attention goes through rdp_core.ops. fp16 inference
-converts the torso's convolutions, as guided-diffusion's convert_to_fp16 does; normalisation always computes
-its statistics in float32 and returns the input's dtype.
+`GroupNormAct`, all on rdp_core.ops' dispatched backends. Attention goes through rdp_core.ops, and the
+convolutions are rdp_core.ops.conv3x3's Conv2d (nn.Conv2d's keys; the 3x3 ones run Winograd on the CPU).
+fp16 inference converts the torso's convolutions, as guided-diffusion's convert_to_fp16 does; normalisation
+always computes its statistics in float32 and returns the input's dtype.
 """
 import math
 from dataclasses import dataclass

@@ -10,7 +10,8 @@ Conv_0, Dense_0, NIN_0, ... and NIN's `W`/`b`), so an official checkpoint's stat
 no FIR, no progressive growing, no Fourier embedding.
 
 GroupNorm followed by SiLU is one `GroupNormSiLU`, attention's plain GroupNorm a `GroupNormAct` without
-activation (both keep nn.GroupNorm's `weight`/`bias` keys), and attention goes through rdp_core.ops, so the
+activation (both keep nn.GroupNorm's `weight`/`bias` keys), convolutions are rdp_core.ops.conv3x3's Conv2d
+(nn.Conv2d's keys; the 3x3 ones run Winograd on the CPU), and attention goes through rdp_core.ops, so the
 fused kernels apply without any key moving.
 """
 import math

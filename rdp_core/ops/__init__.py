@@ -1,5 +1,4 @@
 """Fused ops with per-call backend dispatch (see rdp_core._backend). Nothing here loads a kernel at import."""
-from rdp_core.ops.conv3x3 import conv3x3, conv3x3_torch
 from rdp_core.ops.group_norm_silu import (
     GroupNormAct,
     GroupNormSiLU,
@@ -12,8 +11,6 @@ from rdp_core.ops.group_norm_silu import (
 )
 
 __all__ = [
-    "conv3x3",
-    "conv3x3_torch",
     "GroupNormAct",
     "GroupNormSiLU",
     "group_norm",

@@ -7,13 +7,13 @@ cuDNN on a GPU). The "cpp" backend (rdp_core._C, float32 CPU tensors) is a Winog
 (Lavin & Gray, 2016): each 6x6 input tile and each filter are transformed so that 16 outputs per channel
 pair take 36 multiplies instead of 144, and the products are 36 independent matrix products run by a
 register-blocked AVX-512 kernel (a portable loop elsewhere). On the 2-core Zen 5 of bench/RESULTS.md it is
-1.5-3.7x faster than the direct convolution at the UNet's shapes. The price is rounding: the transforms
+2.2-2.7x faster than oneDNN's direct convolution at DDPM++'s shapes. The price is rounding: the transforms
 scale values by up to 8 and back, so the error against an exact convolution is about 1e-5 of the output's
-largest magnitude where the direct one is about 2e-6 (measured by tests/ops/test_conv3x3.py); for float32
+largest magnitude where the direct one is about 2e-6 (tests/ops/test_conv3x3.py bounds it at 6e-5); for float32
 purification that is far below the sampler's own noise. RDP_CORE_BACKEND=torch, or backend="torch", keeps
 the direct convolution.
 
-Gradients are exact for what is computed up to rounding: the input gradient of a stride-1, padding-1 3x3
+Gradients are the convolution's own, rounded as any backward is: the input gradient of a stride-1, padding-1 3x3
 convolution is itself one (with the filter flipped and its channels swapped), run by the same Winograd
 kernels; weight and bias gradients, only computed when they require grad, use torch's convolution
 backward. A backward that must itself be differentiable (create_graph=True: the adjoint's second-order
@@ -74,7 +74,8 @@ def _winograd(x, packed, bias=None, portable=False):
 
 class WinogradFilters:
     """The packed filters of one weight tensor and of its adjoint, packed at first use and again only after the
-    weight changed (an in-place update bumps its version; a replaced tensor has a new address)."""
+    weight changed (an in-place update bumps its version; a replaced tensor has a new address). Each takes 4x
+    the weight's memory (36 transformed values per 9 weights)."""
 
     def __init__(self):
         self._packed = {}
@@ -157,17 +158,22 @@ def conv3x3(x, weight, bias=None, backend="auto", filters=None):
     """F.conv2d(x, weight, bias, padding=1) for x (N, C, H, W) and weight (K, C, 3, 3) on `backend`.
 
     backend: "auto" (cpp for float32 CPU tensors with K a multiple of 32 and C >= 64 outside autocast, else
-    torch, which autocast then runs in its lower precision), "torch" or
-    "cpp" (a ValueError when it cannot take these tensors). filters: a WinogradFilters cache for `weight`
-    (Conv2d keeps one); without it the cpp backend packs the filters at every call. The cpp backend returns
-    channels-last memory whatever x's layout.
+    torch, which autocast then runs in its lower precision), "torch" or "cpp" (a ValueError when it cannot
+    take these tensors). RDP_CORE_BACKEND=torch turns "auto" into "torch"; its other values leave "auto" as
+    it is. filters: a WinogradFilters cache for `weight` (Conv2d keeps one); without it the cpp backend packs
+    the filters at every call. The cpp backend returns channels-last memory whatever x's layout.
     """
     _check_arguments(x, weight, bias)
     reason = _unfit_reason(x, weight, bias)
     if backend == "cpp" and reason is not None:
         raise ValueError(f"conv3x3: the cpp backend {reason}")
+    if backend == "auto" and _backend.environment_backend() == "torch":
+        backend = "torch"
+    # Other RDP_CORE_BACKEND values name a backend this op lacks (triton) or cannot take at every shape (cpp,
+    # which a model's 3-channel first convolution does not fit): they leave its choice to "auto", so that
+    # forcing the fused norms and attention does not break every model.
     implemented = ("torch",) if reason is not None else ("torch", "cpp")
-    if _backend.select("conv3x3", x, backend, implemented) == "torch":
+    if _backend.select("conv3x3", x, backend, implemented, environment=False) == "torch":
         return conv3x3_torch(x, weight, bias)
     filters = WinogradFilters() if filters is None else filters
     with _backend.profiled("rdp_core::conv3x3_winograd"):

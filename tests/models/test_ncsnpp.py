@@ -1,6 +1,7 @@
 """DDPM++ (score_sde NCSN++): module layout, key names, arithmetic and official-checkpoint loading."""
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from rdp_core.models.ncsnpp import (
 from rdp_core.ops import GroupNormSiLU
 
 TINY = DDPMppConfig(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16)
+WIDE = replace(TINY, nf=64)  # 64 and 128 channels: its 3x3 convolutions run Winograd on the CPU
 
 
 def module_types(config):
@@ -172,10 +174,20 @@ def test_every_group_norm_runs_on_rdp_core_ops(assert_norms_run_on_rdp_core_ops)
 
 
 @pytest.mark.skipif(_backend.cpp_extension() is None, reason="rdp_core._C was not built: nothing to compare")
-def test_compiled_backends_compute_the_stock_torch_function(monkeypatch):
+@pytest.mark.parametrize("config", [TINY, WIDE], ids=["tiny", "wide"])
+def test_compiled_backends_compute_the_stock_torch_function(monkeypatch, config):
     # The whole model on the default backends (C++ on this CPU) against the same modules on stock torch ops:
     # output and the input gradient an attack takes.
-    model = randomize(NCSNpp(TINY), seed=3).eval().requires_grad_(False)
+    from rdp_core.ops import conv3x3
+
+    winograd_calls, winograd = [], conv3x3._winograd
+
+    def counted_winograd(*args):
+        winograd_calls.append(1)
+        return winograd(*args)
+
+    monkeypatch.setattr(conv3x3, "_winograd", counted_winograd)
+    model = randomize(NCSNpp(config), seed=3).eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(4)
     x, t = torch.randn(2, 3, 16, 16, generator=gen), torch.rand(2, generator=gen) * 999
 
@@ -185,6 +197,7 @@ def test_compiled_backends_compute_the_stock_torch_function(monkeypatch):
         return out.detach(), torch.autograd.grad(out.square().sum(), leaf)[0]
 
     ours = output_and_input_grad()
+    assert winograd_calls  # TINY's 64-channel up-path convolutions and most of WIDE's run Winograd
     monkeypatch.setenv("RDP_CORE_BACKEND", "torch")
     stock = output_and_input_grad()
     assert ours[0].abs().max() > 0.1  # a model whose output is ~0 would make this test vacuous

@@ -164,6 +164,10 @@ def test_dispatch(monkeypatch):
     assert not type(conv3x3(small[0].requires_grad_(), *small[1:]).grad_fn).__name__.startswith("_Conv3x3")
     with torch.autocast("cpu", dtype=torch.bfloat16):  # precision="bf16": the convolution autocast asked for
         assert conv3x3(x, weight, bias).dtype == torch.bfloat16
+    for forced in ("cpp", "triton"):  # forcing the other ops' backends leaves every convolution working
+        monkeypatch.setenv("RDP_CORE_BACKEND", forced)
+        for inputs in ((x, weight, bias), small):
+            torch.testing.assert_close(conv3x3(*inputs), conv3x3_torch(*inputs), atol=1e-4, rtol=1e-4)
     monkeypatch.setenv("RDP_CORE_BACKEND", "torch")
     monkeypatch.setattr(_backend, "cpp_extension", lambda: pytest.fail("cpp ran under RDP_CORE_BACKEND=torch"))
     torch.testing.assert_close(conv3x3(x, weight, bias), conv3x3_torch(x, weight, bias))
