@@ -19,6 +19,8 @@ kernels; weight and bias gradients, only computed when they require grad, use to
 backward. A backward that must itself be differentiable (create_graph=True: the adjoint's second-order
 guidance terms) differentiates the reference instead.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,7 +28,7 @@ from torch import nn
 from rdp_core import _backend
 
 _PANEL = 32  # output channels per packed weight panel (csrc/conv3x3.h, kWinogradPanel)
-_MIN_IN_CHANNELS = 64  # below this the products are too short to pay for the transforms (bench/RESULTS.md)
+_MIN_IN_CHANNELS = 64  # at 32 the kernel is only level with the direct convolution (bench/RESULTS.md)
 
 # G of Winograd F(4x4, 3x3) for the interpolation points 0, +-1, +-2 (the inverse of csrc's B^T and A^T).
 _FILTER_TRANSFORM = torch.tensor([
@@ -72,20 +74,45 @@ def _winograd(x, packed, bias=None, portable=False):
     return y  # a tensor of its own, not a view: autograd lets the model's in-place sums write into it
 
 
+_FINGERPRINT_SIZE = 257  # weights sampled, evenly spaced over the whole tensor, to notice changes made via .data
+
+
+def _fingerprint(weight):
+    """A copy of a fixed sample of the weight's values. Writes through `weight.data` (DiffPure's EMA swap,
+    `p.data.copy_(...)`) do not bump the weight's version, so the version alone would miss them."""
+    weight = weight.detach()
+    dense = weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last)
+    # The values in memory order, without copying a dense tensor of either layout (flatten() would copy a
+    # channels-last one: a whole read and write of the weight at every call).
+    flat = weight.as_strided((weight.numel(),), (1,)) if dense else weight.flatten()
+    return flat[_sample_index(flat.numel())].clone()
+
+
+@functools.lru_cache(maxsize=None)
+def _sample_index(numel):
+    return torch.linspace(0, numel - 1, min(_FINGERPRINT_SIZE, numel), dtype=torch.float64).round().long()
+
+
 class WinogradFilters:
     """The packed filters of one weight tensor and of its adjoint, packed at first use and again only after the
-    weight changed (an in-place update bumps its version; a replaced tensor has a new address). Each takes 4x
-    the weight's memory (36 transformed values per 9 weights)."""
+    weight changed: an in-place update bumps its version, a replaced tensor has a new address, and a write
+    through `.data` (which bumps nothing) is noticed when it changes any of 257 sampled values (a whole-tensor
+    copy always does; call `clear()` after editing a few weights that way). Each packing takes 4x the
+    weight's memory (36 transformed values per 9 weights)."""
 
     def __init__(self):
         self._packed = {}
 
+    def clear(self):
+        self._packed = {}
+
     def get(self, weight, adjoint=False):
-        key = (adjoint, weight.data_ptr(), weight._version, tuple(weight.shape))
-        if self._packed.get(adjoint, (None,))[0] != key:
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
+        cached = self._packed.get(adjoint)
+        if cached is None or cached[0] != key or not torch.equal(cached[1], _fingerprint(weight)):
             filters = adjoint_filters(weight) if adjoint else weight
-            self._packed[adjoint] = (key, winograd_weights(filters))
-        return self._packed[adjoint][1]
+            self._packed[adjoint] = (key, _fingerprint(weight), winograd_weights(filters))
+        return self._packed[adjoint][2]
 
 
 class _Conv3x3Cpp(torch.autograd.Function):
@@ -194,6 +221,11 @@ class Conv2d(nn.Conv2d):
     def _is_conv3x3(self):
         return (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
                 and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros")
+
+    def clear_winograd_filters(self):
+        """Forgets the packed filters (they are repacked at the next call): needed only after editing a few
+        weights through `.data`, which the sampled check of WinogradFilters may not notice."""
+        self._winograd.clear()
 
     def forward(self, x):
         if not self._is_conv3x3():

@@ -144,6 +144,19 @@ def test_filters_are_repacked_after_the_weight_changes():
                                rtol=1e-4)
 
 
+@needs_cpp
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_filters_are_repacked_after_a_write_through_data(memory_format):
+    # DiffPure's EMA swap writes `p.data.copy_(ema)`, which bumps no version counter.
+    conv = Conv2d(64, 32, 3, padding=1).to(memory_format=memory_format)
+    x = torch.randn(1, 64, 8, 8)
+    before = conv(x)
+    swapped = torch.randn_like(conv.weight) * 0.1
+    conv.weight.data.copy_(swapped)
+    torch.testing.assert_close(conv(x), conv3x3_torch(x, swapped, conv.bias), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(before, conv(x))
+
+
 @pytest.mark.parametrize("config", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),
                                     dict(kernel_size=1), dict(kernel_size=3, padding=1, groups=2)], ids=str)
 def test_module_is_nn_conv2d_with_its_keys(config):
