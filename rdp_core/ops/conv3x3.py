@@ -108,10 +108,11 @@ class WinogradFilters:
 
     def get(self, weight, adjoint=False):
         key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
+        fingerprint = _fingerprint(weight)
         cached = self._packed.get(adjoint)
-        if cached is None or cached[0] != key or not torch.equal(cached[1], _fingerprint(weight)):
+        if cached is None or cached[0] != key or not torch.equal(cached[1], fingerprint):
             filters = adjoint_filters(weight) if adjoint else weight
-            self._packed[adjoint] = (key, _fingerprint(weight), winograd_weights(filters))
+            self._packed[adjoint] = (key, fingerprint, winograd_weights(filters))
         return self._packed[adjoint][2]
 
 
