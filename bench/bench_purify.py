@@ -5,7 +5,7 @@
 Providers, on one model object and one batch of images:
 
 - torchsde-fp32: torchsde.sdeint the way DiffPure calls it (bench/diffpure_sde.py), eager, torch's default
-  precision flags: what a user would otherwise run.
+  precision flags (under which cuDNN convolutions run in TF32): what a user would otherwise run.
 - rdp-eager-fp32: `purify(grad="none", graphs=False)` in IEEE float32 (no TF32 anywhere).
 - rdp-graphed-fp32: the same, replayed as a CUDA graph (rdp_core.sampling.graphs).
 - rdp-graphed-tf32: graphed, TF32 allowed in convolutions and matmuls.
@@ -19,6 +19,8 @@ matmul ceiling.
 """
 import contextlib
 import functools
+import os
+from unittest import mock
 
 import pytest
 import torch
@@ -72,8 +74,11 @@ def _runner(provider, model, x):
 
 @functools.lru_cache(maxsize=None)
 def _flops_per_image(device):
+    # FlopCounterMode sees aten ops only, not the compiled kernels (the CPU Winograd convolutions, the Triton
+    # attention): count on stock torch ops, which do the same products.
     model, x = _model(device), torch.rand(2, 3, 32, 32, device=device)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with mock.patch.dict(os.environ, {"RDP_CORE_BACKEND": "torch"}), FlopCounterMode(display=False) as counter, \
+            torch.no_grad():
         model(x, torch.full((2,), T_STAR, device=device))
     return counter.get_total_flops() / 2
 

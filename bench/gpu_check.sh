@@ -2,13 +2,15 @@
 # The GPU checks of the kernels and adjoint issues in one device call: the kernel and whole-model tests on
 # CUDA, then the GPU benchmarks, each step under its own time limit so one slow step cannot eat the lease.
 #   bash bench/gpu_check.sh        (logs and pytest-benchmark JSON go to $OUT)
-#   STEPS="gn attn" bash bench/gpu_check.sh   (a subset; steps: tests gn attn grad purify, or a bench name like model)
+#   STEPS="gn attn" bash bench/gpu_check.sh   (a subset; steps: tests graphs gn attn grad purify, or a bench name like model)
 #   STEPS=grad GRAD_PROVIDERS="rdp-adjoint torchsde-adjoint" bash bench/gpu_check.sh   (some gradient providers)
 # torchsde is not on the lent machines: carry its wheels, fetched here into the git-ignored .whl/ with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl torchsde==0.2.6 trampoline==0.1.2
 # Durations seen on an H200 (2026-11-27): gn about 75 s without torch.compile and 70 s more for its fp16
 # compiles, attn 76 s, grad well over 190 s at batch 64 (two providers done in 190 s), tests over 120 s (the
-# fp32 head_dim-512 attention kernels compile slowly): all four do not fit one 10-minute call.
+# fp32 head_dim-512 attention kernels compile slowly): all four do not fit one 10-minute call. Second session:
+# graphs 117 s; purify at batch 256 over 200 s for its first three providers, batch 64 163 s, batch 1 68 s.
+# Starting a machine took from 30 s to over 5 minutes of the session's device time.
 set -u
 OUT=${OUT:-/tmp/rdp-gpu-check}
 mkdir -p "$OUT"
@@ -23,8 +25,13 @@ log=$OUT/log.txt
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } 2>&1 | tee -a "$log"
 
+# BUDGET (seconds, optional): the whole script's; a step gets what is left of it when that is less than its own
+# limit, and is skipped with a line in the log when under 20 s are left, so the script ends before the call's.
+BUDGET=${BUDGET:-100000}
 step() {  # step LIMIT_S COMMAND...: run under a time limit, log its output, its exit status and its duration
-  local limit=$1 start=$SECONDS; shift
+  local limit=$1 start=$SECONDS left=$((BUDGET - SECONDS - 5)); shift
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then echo "=== skipped, ${left} s of the budget left: $*" | tee -a "$log"; return; fi
   echo "=== $* (limit ${limit} s)" | tee -a "$log"
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   echo "=== exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$log"
@@ -39,8 +46,12 @@ for s in $STEPS; do case $s in
   # one test turns autotuning back on to sign off the tuned configs.
   tests) step 240 env RDP_CORE_TRITON_AUTOTUNE=0 "${PYTEST[@]}" -v --timeout=60 tests/kernels/test_models_on_gpu.py \
         tests/sampling/test_graphs.py tests/kernels --junitxml="$OUT/tests.xml" ;;
-  purify) step 300 "${BENCH[@]}" bench/bench_purify.py -k gpu --benchmark-min-rounds=3 \
-        --benchmark-json="$OUT/bench-purify.json" ;;
+  graphs) step 120 "${PYTEST[@]}" -v --timeout=60 tests/sampling/test_graphs.py --junitxml="$OUT/graphs.xml" ;;
+  # Batch 256 first: the issue's targets are at that batch.
+  purify) for b in 256 64 1; do
+            step 200 "${BENCH[@]}" bench/bench_purify.py -k "gpu and $b-" --benchmark-min-rounds=1 \
+              --benchmark-json="$OUT/bench-purify-$b.json"
+          done ;;
   gn) step 150 "${BENCH[@]}" bench/bench_group_norm_silu.py -k gpu \
         --benchmark-warmup=on --benchmark-max-time=0.25 --benchmark-json="$OUT/bench-gn.json" ;;
   attn) step 120 "${BENCH[@]}" bench/bench_attention.py -k gpu \
@@ -53,3 +64,6 @@ for s in $STEPS; do case $s in
         done ;;
   *) step 600 "${BENCH[@]}" "bench/bench_$s.py" -k cuda --benchmark-json="$OUT/bench-$s.json" ;;
 esac; done
+# The device tool returns at most 8 files: one archive holds the JSON and XML results.
+(cd "$OUT" && shopt -s nullglob && results=(*.json *.xml) && [ ${#results[@]} -gt 0 ] \
+  && tar czf results.tar.gz "${results[@]}" && rm -f "${results[@]}")

@@ -4,7 +4,7 @@ Layout (batch, heads, tokens, head_dim), any strides. `attention_reference` is t
 backends are tested against; the public `attention` dispatches like every op (rdp_core._backend):
 "triton" (CUDA; flash attention from rdp_core.kernels.attention, fp32/fp16/bf16, head_dim <= 512), "cpp"
 (CPU float32; rdp_core._C, blocked online softmax on OpenMP threads) and "torch" (torch's
-scaled_dot_product_attention, for everything else). The compiled backends read strided views in place, so
+scaled_dot_product_attention, for everything else, with exact second derivatives added). The compiled backends read strided views in place, so
 the UNets pass their transposed NCHW views without copies, and have their own backward kernels.
 """
 import math
@@ -106,6 +106,35 @@ class _AttentionTriton(torch.autograd.Function):
         return _backward(ctx, _triton_backward, grad_out)
 
 
+class _AttentionSdpa(torch.autograd.Function):
+    """torch's scaled_dot_product_attention with its own backward, made twice differentiable.
+
+    SDPA's fused kernels (flash on the CPU and on CUDA, memory-efficient on CUDA) have no second derivative,
+    and AGDM's adjoint differentiates the guidance gradient, which runs through attention. The forward keeps
+    SDPA's graph on detached aliases of the inputs (the same saved tensors autograd would keep); the backward
+    replays it, or under create_graph takes the reference's differentiable VJP, as the compiled backends do.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        inner = [t.detach().requires_grad_(need) for t, need in zip((q, k, v), ctx.needs_input_grad)]
+        with torch.enable_grad():
+            out = F.scaled_dot_product_attention(*inner)
+        ctx.save_for_backward(q, k, v)
+        ctx.inner = inner, out
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            return _reference_vjp(*ctx.saved_tensors, grad_out, ctx.needs_input_grad)
+        inner, out = ctx.inner
+        wanted = [t for t, need in zip(inner, ctx.needs_input_grad) if need]
+        # retain_graph: an outer backward with retain_graph=True may call this backward again.
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, retain_graph=True))
+        return tuple(next(grads) if need else None for need in ctx.needs_input_grad)
+
+
 _COMPILED = {"cpp": _AttentionCpp, "triton": _AttentionTriton}
 
 
@@ -143,4 +172,6 @@ def attention(q, k, v, backend="auto"):
     chosen = _backend.select("attention", q, backend, implemented)
     if chosen in _COMPILED:
         return _COMPILED[chosen].apply(q, k, v)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _AttentionSdpa.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)

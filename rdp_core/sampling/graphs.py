@@ -188,8 +188,16 @@ class _GraphedAdjointSolve(torch.autograd.Function):
         return (None, None, grad_x, *grad_reference)
 
 
+def _math_flags():
+    """The global switches that change which kernels a capture records: a graph captured with TF32 off would
+    otherwise replay IEEE float32 after the caller allowed TF32 (and the reverse)."""
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction)
+
+
 def _key(reverse, x_t, guidance, reference, *extra):
-    return (type(reverse).__name__, tuple(reverse.model_times), reverse.start_alpha_bar,
+    return (_math_flags(), type(reverse).__name__, tuple(reverse.model_times), reverse.start_alpha_bar,
             tuple(tuple(c) for c in getattr(reverse, "_coefs", ())), id(getattr(reverse, "_schedule", None)),
             getattr(reverse, "clip_denoised", None), tuple(x_t.shape), x_t.dtype, x_t.device,
             None if guidance is None else guidance.graph_key(),

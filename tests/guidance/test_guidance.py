@@ -6,6 +6,7 @@ import rdp_core
 from rdp_core.guidance import (AdversarialGuidance, GuidedEps, PixelGuidance, guidance_draw, make_guidance,
                                ssim)
 from rdp_core.models.classifiers import CifarResNet
+from rdp_core.models.ncsnpp import DDPMppConfig, NCSNpp, ScoreSDEEpsModel
 from rdp_core.sampling import DIFFUSION_DRAW, VP, StepNoise
 from tiny_models import TinyEps, assert_relative_close, images, input_gradient
 
@@ -61,6 +62,22 @@ def test_gradient_includes_the_guidance_reading_the_input(name):
     guidance.__class__ = DetachedReference
     _, start_only = input_gradient(x, weights, grad="autograd", guidance=guidance, **args)
     assert (full - start_only).norm() > 1e-3 * full.norm()
+
+
+def test_agdm_adjoint_through_a_unet_with_attention_on_the_torch_backend(monkeypatch):
+    # AGDM's guidance gradient runs through the UNet's attention and the adjoint differentiates it again, so
+    # every attention backend needs exact second derivatives (stock SDPA's CPU flash kernel has none).
+    monkeypatch.setenv("RDP_CORE_BACKEND", "torch")
+    torch.manual_seed(0)
+    unet = NCSNpp(DDPMppConfig(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0))
+    model = ScoreSDEEpsModel(unet).eval().requires_grad_(False)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    guidance = AdversarialGuidance(auxiliary_network().float(), layer="layer2", lam=0.5, scale=20.0)
+    args = dict(t_star=0.01, model=model, solver="ode-heun", steps=2, guidance=guidance)
+    _, unrolled = input_gradient(x, weights, grad="autograd", **args)
+    _, adjoint = input_gradient(x, weights, grad="adjoint", **args)
+    assert_relative_close(adjoint, unrolled, 1e-4)
 
 
 def test_guided_gradient_matches_central_finite_differences():

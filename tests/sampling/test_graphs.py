@@ -66,6 +66,18 @@ def test_static_buffers_replay_the_eager_solve(monkeypatch, guidance, solver):
     assert cached_graphs(model) == 1
 
 
+def test_changing_tf32_builds_a_new_graph(monkeypatch):
+    # A graph replays the kernels it recorded: one captured with TF32 off must not serve a call with TF32 on
+    # (seen on an H200: the "tf32" bench row replayed the fp32 capture at the fp32 time).
+    use_stand_in_capture(monkeypatch)
+    model, x = _tiny_model(), torch.rand(2, 3, 32, 32)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    for allowed in (False, True, False):
+        torch.backends.cudnn.allow_tf32 = allowed
+        _purified(x, model, 0, t_star=0.003, steps=2, graphs=True)
+    assert cached_graphs(model) == 2
+
+
 @pytest.mark.parametrize("guidance, solver", [(None, "sde"), ("gdmp", "sde"), ("agdm", "ode-heun")])
 def test_graphed_adjoint_gives_the_eager_adjoint_gradient(monkeypatch, guidance, solver):
     # Two purifications through one graph before either backward: each gradient must still be its own (the
