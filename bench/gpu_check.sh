@@ -2,7 +2,11 @@
 # The GPU checks of the kernels and adjoint issues in one device call: the kernel and whole-model tests on
 # CUDA, then the GPU benchmarks, each step under its own time limit so one slow step cannot eat the lease.
 #   bash bench/gpu_check.sh        (logs and pytest-benchmark JSON go to $OUT)
-#   STEPS="gn attn" bash bench/gpu_check.sh   (a subset; steps: tests graphs gn attn grad purify, or a bench name like model)
+#   STEPS="gn attn" bash bench/gpu_check.sh   (a subset; steps: tests graphs repeat gn attn grad purify, or a bench
+#   name like model)
+# Next session, in this order (the open questions first): BUDGET=560 STEPS="repeat purify tests grad"
+#   PURIFY_BATCHES=256 PURIFY_PROVIDERS="torchsde or tf32 or bf16" GRAD_PROVIDERS="rdp-adjoint no-grad-purify
+#   torchsde-adjoint" bash bench/gpu_check.sh, with .whl carried
 #   STEPS=grad GRAD_PROVIDERS="rdp-adjoint torchsde-adjoint" bash bench/gpu_check.sh   (some gradient providers)
 # torchsde is not on the lent machines: carry its wheels, fetched here into the git-ignored .whl/ with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl torchsde==0.2.6 trampoline==0.1.2
@@ -48,10 +52,14 @@ for s in $STEPS; do case $s in
         tests/sampling/test_graphs.py tests/kernels --junitxml="$OUT/tests.xml" ;;
   graphs) step 120 "${PYTEST[@]}" -v --timeout=60 tests/sampling/test_graphs.py --junitxml="$OUT/graphs.xml" ;;
   # Batch 256 first: the issue's targets are at that batch.
-  purify) for b in 256 64 1; do
-            step 200 "${BENCH[@]}" bench/bench_purify.py -k "gpu and $b-" --benchmark-min-rounds=1 \
-              --benchmark-json="$OUT/bench-purify-$b.json"
+  # PURIFY_BATCHES / PURIFY_PROVIDERS (a -k expression) narrow it, e.g. PURIFY_BATCHES=256
+  # PURIFY_PROVIDERS="torchsde or tf32 or bf16": the IEEE float32 rows take most of the time at batch 256.
+  purify) for b in ${PURIFY_BATCHES:-256 64 1}; do
+            step 200 "${BENCH[@]}" bench/bench_purify.py -k "gpu and $b- and (${PURIFY_PROVIDERS:-fp32 or tf32 or bf16})" \
+              --benchmark-min-rounds=1 --benchmark-json="$OUT/bench-purify-$b.json"
           done ;;
+  # Eager AGDM against itself beside graphed against eager: reads the graph tests' AGDM failures.
+  repeat) step 60 python3 bench/gpu/agdm_repeatability.py ;;
   gn) step 150 "${BENCH[@]}" bench/bench_group_norm_silu.py -k gpu \
         --benchmark-warmup=on --benchmark-max-time=0.25 --benchmark-json="$OUT/bench-gn.json" ;;
   attn) step 120 "${BENCH[@]}" bench/bench_attention.py -k gpu \
