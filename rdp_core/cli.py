@@ -35,6 +35,7 @@ from rdp_core.models import GaussianEpsModel, load_cifar_resnet, load_classifier
 from rdp_core.models.default import load_default_eps_model, load_trained
 from rdp_core.models.ncsnpp import DDPMppConfig
 from rdp_core.sampling import SOLVERS, make_solver
+from rdp_core.sampling.precision import PRECISIONS
 from rdp_core.train import CPU_MODEL, TrainConfig, train
 from rdp_core.visualize import image_grid, write_png
 
@@ -73,6 +74,9 @@ def _add_purify_command(commands):
                         f"(default: DATA/{DEFAULT_CLASSIFIER} when present)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of the purification noise")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                   help="the score model's precision (default fp32); bf16 or fp16 also purify once in fp32 with the "
+                        "same noise and report how far the two results and their predictions are apart")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--out", type=Path, default=Path("runs/purify"), help="output folder")
     p.set_defaults(run=run_purify)
@@ -314,10 +318,15 @@ def run_purify(args):
     # Replays the first batch's diffusion exactly: same generator state, same batch shape.
     diffused = diffuse(images[:args.batch_size].to(device), args.t_star, solver=args.solver, steps=args.steps,
                        generator=torch.Generator(device=device).set_state(generator.get_state())).cpu()
-    purified, seconds = _purify_in_batches(images, model, generator, device, args)
+    noise_state = generator.get_state()
+    purified, seconds = _purify_in_batches(images, model, generator, device, args, args.precision)
     mse = ((purified - images) ** 2).flatten(1).mean(1)
-    psnr = [10 * math.log10(1 / max(m, 1e-12)) for m in mse.tolist()]
+    psnr = [_psnr(m) for m in mse.tolist()]
     accuracy = _accuracies(classifier, images, purified, labels, args.batch_size)
+    if args.precision != "fp32":
+        reference, _ = _purify_in_batches(images, model, torch.Generator(device=device).set_state(noise_state),
+                                          device, args, "fp32")
+        precision_effect = _precision_effect(purified, reference, classifier, labels, args.batch_size)
 
     args.out.mkdir(parents=True, exist_ok=True)
     shown = min(len(images), 16, args.batch_size)
@@ -326,12 +335,16 @@ def run_purify(args):
                         y=labels.numpy())
     report = _report(args, device, fit_images, seconds, mse, psnr, labels)
     report["accuracy"] = accuracy
+    if args.precision != "fp32":
+        report["against_fp32"] = precision_effect
     (args.out / "purify.json").write_text(json.dumps(report, indent=2))
     print(f"purified {len(images)} images in {seconds:.2f} s ({len(images) / seconds:.1f} images/s on "
           f"{report['device']}); mean PSNR to the input {report['psnr_mean']:.2f} dB")
     if accuracy:
         print(f"{accuracy['classifier']} accuracy on these {len(images)} images: clean "
               f"{accuracy['clean']:.2f}%, purified {accuracy['purified']:.2f}%")
+    if args.precision != "fp32":
+        _print_precision_effect(args.precision, precision_effect)
     print(f"wrote {args.out / 'grid.png'}, {args.out / 'purify.json'}, {args.out / 'purified.npz'}")
     return 0
 
@@ -359,18 +372,47 @@ def _load_classifier(args):
     return load_classifier(arch, path) if arch else load_cifar_resnet(path)
 
 
+def _psnr(mse):
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+def _predictions(classifier, x, batch_size):
+    with torch.no_grad():
+        return torch.cat([classifier(xb).argmax(1) for xb in x.split(batch_size)])
+
+
 def _accuracies(classifier, images, purified, labels, batch_size):
     if classifier is None:
         return None
 
     def accuracy(x):
-        with torch.no_grad():
-            correct = sum((classifier(xb).argmax(1) == yb).sum().item()
-                          for xb, yb in zip(x.split(batch_size), labels.split(batch_size)))
-        return 100.0 * correct / len(labels)
+        return 100.0 * (_predictions(classifier, x, batch_size) == labels).float().mean().item()
 
     name = f"ResNet-{len(classifier.layer1) * 6 + 2}"
     return {"classifier": name, "clean": accuracy(images), "purified": accuracy(purified)}
+
+
+def _precision_effect(purified, reference, classifier, labels, batch_size):
+    """How a reduced-precision purification differs from the float32 one with the same noise: pixels (on the
+    [0, 1] scale) and, with a classifier, predictions and accuracy."""
+    difference = (purified - reference).abs()
+    effect = {"max_abs_difference": difference.max().item(), "mean_abs_difference": difference.mean().item(),
+              "psnr_to_fp32_mean": sum(_psnr(m) for m in difference.square().flatten(1).mean(1).tolist())
+              / len(purified)}
+    if classifier is not None:
+        ours, theirs = (_predictions(classifier, x, batch_size) for x in (purified, reference))
+        effect.update(prediction_agreement=100.0 * (ours == theirs).float().mean().item(),
+                      fp32_purified_accuracy=100.0 * (theirs == labels).float().mean().item())
+    return effect
+
+
+def _print_precision_effect(precision, effect):
+    line = (f"{precision} against fp32 with the same noise: max |difference| {effect['max_abs_difference']:.3g}, "
+            f"mean {effect['mean_abs_difference']:.3g}, PSNR {effect['psnr_to_fp32_mean']:.1f} dB")
+    if "prediction_agreement" in effect:
+        line += (f"; predictions agree on {effect['prediction_agreement']:.2f}% of the images "
+                 f"(fp32 purified accuracy {effect['fp32_purified_accuracy']:.2f}%)")
+    print(line)
 
 
 def _resolve_device(name):
@@ -379,15 +421,15 @@ def _resolve_device(name):
     return torch.device(name)
 
 
-def _purify_in_batches(images, model, generator, device, args):
+def _purify_in_batches(images, model, generator, device, args, precision):
     from tqdm.auto import tqdm
 
     out = []
     start = time.perf_counter()
-    with torch.no_grad(), tqdm(total=len(images), desc="purifying", unit="img") as bar:
+    with torch.no_grad(), tqdm(total=len(images), desc=f"purifying ({precision})", unit="img") as bar:
         for batch in images.split(args.batch_size):
             out.append(purify(batch.to(device), args.t_star, model=model, solver=args.solver, steps=args.steps,
-                              generator=generator).cpu())
+                              generator=generator, precision=precision).cpu())
             bar.update(len(batch))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -400,6 +442,7 @@ def _report(args, device, fit_images, seconds, mse, psnr, labels):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device),
         "config": {"t_star": args.t_star, "solver": args.solver, "steps": args.steps, "seed": args.seed,
+                   "precision": args.precision,
                    "batch_size": args.batch_size, "model": args.model, "fit_images": fit_images},
         "n_images": len(labels),
         "seconds": seconds,

@@ -85,6 +85,23 @@ def test_purify_command_uses_the_default_model_and_shows_the_exact_diffused_stat
     torch.testing.assert_close(grid[:, 70:102, 2:34], to_pixels(purified[0]), atol=1 / 255, rtol=0)
 
 
+def test_purify_command_states_what_bf16_changes_against_fp32_with_the_same_noise(data_root, tmp_path, capsys):
+    common = ["purify", "--data", str(data_root), "--n-images", "4", "--steps", "5", "--seed", "2"]
+    main(common + ["--out", str(tmp_path / "fp32")])
+    main(common + ["--precision", "bf16", "--out", str(tmp_path / "bf16")])
+    fp32, bf16 = (json.loads((tmp_path / name / "purify.json").read_text()) for name in ("fp32", "bf16"))
+    effect = bf16["against_fp32"]
+    assert "against_fp32" not in fp32 and bf16["config"]["precision"] == "bf16"
+    # The reference is the fp32 purification with the same noise: the plain fp32 run's images, so its accuracy.
+    assert effect["fp32_purified_accuracy"] == fp32["accuracy"]["purified"]
+    saved = np.load(tmp_path / "fp32" / "purified.npz")["x"].astype(np.float64) / 255
+    ours = np.load(tmp_path / "bf16" / "purified.npz")["x"].astype(np.float64) / 255
+    assert abs(np.abs(ours - saved).mean() - effect["mean_abs_difference"]) < 2 / 255  # uint8 rounding of both
+    assert 0 < effect["mean_abs_difference"] <= effect["max_abs_difference"] < 0.5
+    assert 0 <= effect["prediction_agreement"] <= 100
+    assert "bf16 against fp32 with the same noise" in capsys.readouterr().out
+
+
 def test_purify_command_can_skip_or_name_the_classifier(data_root, tmp_path):
     common = ["purify", "--data", str(data_root), "--n-images", "2", "--steps", "2", "--fit-images", "10000"]
     main(common + ["--classifier", "none", "--out", str(tmp_path / "a")])
