@@ -4,8 +4,9 @@ Layout (batch, heads, tokens, head_dim), any strides. `attention_reference` is t
 backends are tested against; the public `attention` dispatches like every op (rdp_core._backend):
 "triton" (CUDA; flash attention from rdp_core.kernels.attention, fp32/fp16/bf16, head_dim <= 512), "cpp"
 (CPU float32; rdp_core._C, blocked online softmax on OpenMP threads) and "torch" (torch's
-scaled_dot_product_attention, for everything else, with exact second derivatives added). The compiled backends read strided views in place, so
-the UNets pass their transposed NCHW views without copies, and have their own backward kernels.
+scaled_dot_product_attention, for everything else, made twice differentiable). The compiled backends read
+strided views in place, so the UNets pass their transposed NCHW views without copies, and have their own
+backward kernels.
 """
 import math
 
