@@ -74,8 +74,20 @@ class GuidedEps:
         eps, grad = self._eps_and_objective_gradient(x, t)
         return eps - _per_sample(self.schedule.sigma(t) * self.guidance.scale(t), x) * grad
 
+    def _building_graph(self, x):
+        """Whether the caller's graph runs through this step: grad mode on and something it is built for
+        requires grad (the state, the input's reference, a trainable score model). Grad mode alone is not
+        enough: torchattacks calls a model under grad mode on inputs that do not require grad, and building
+        create_graph gradients there chained every step's double-backward graph for nothing (24 GB, then the
+        OOM killer, in an AGDM AutoAttack run)."""
+        if not torch.is_grad_enabled():
+            return False
+        weights = self.model.parameters() if isinstance(self.model, torch.nn.Module) else ()
+        return (x.requires_grad or any(r.requires_grad for r in self.reference)
+                or any(w.requires_grad for w in weights))
+
     def _eps_and_objective_gradient(self, x, t):
-        building_graph = torch.is_grad_enabled()
+        building_graph = self._building_graph(x)
         with torch.enable_grad():
             x_g = x if building_graph and x.requires_grad else x.detach().requires_grad_(True)
             eps = x0_hat = None
