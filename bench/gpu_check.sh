@@ -2,9 +2,9 @@
 # The GPU checks of the kernels and adjoint issues in one device call: the kernel and whole-model tests on
 # CUDA, then the GPU benchmarks, each step under its own time limit so one slow step cannot eat the lease.
 #   bash bench/gpu_check.sh        (logs and pytest-benchmark JSON go to $OUT)
-#   STEPS="gn attn" bash bench/gpu_check.sh   (a subset; steps: tests graphs repeat gn attn grad purify, or a bench
+#   STEPS="gn attn" bash bench/gpu_check.sh   (a subset; steps: tests graphs repeat profile gn attn grad purify, or a bench
 #   name like model)
-# Next session, in this order (the open questions first): BUDGET=560 STEPS="repeat purify tests grad"
+# Next session, in this order (the open questions first): BUDGET=560 STEPS="repeat profile purify tests grad"
 #   PURIFY_BATCHES=256 PURIFY_PROVIDERS="torchsde or tf32 or bf16" GRAD_PROVIDERS="rdp-adjoint no-grad-purify
 #   torchsde-adjoint" bash bench/gpu_check.sh, with .whl carried
 #   STEPS=grad GRAD_PROVIDERS="rdp-adjoint torchsde-adjoint" bash bench/gpu_check.sh   (some gradient providers)
@@ -58,6 +58,10 @@ for s in $STEPS; do case $s in
             step 200 "${BENCH[@]}" bench/bench_purify.py -k "gpu and $b- and (${PURIFY_PROVIDERS:-fp32 or tf32 or bf16})" \
               --benchmark-min-rounds=1 --benchmark-json="$OUT/bench-purify-$b.json"
           done ;;
+  # Where a bf16 forward at batch 64 spends its GPU time, per kind of op and per kernel, NCHW against
+  # channels-last cuDNN: reads why the bf16 purification reaches 17% of the matmul ceiling.
+  profile) step 90 python3 bench/profile_model.py --device cuda --batch 64 --precision bf16 --top 15 \
+             --providers rdp,torch-eager,torch-eager-channels-last ;;
   # Eager AGDM against itself beside graphed against eager: reads the graph tests' AGDM failures.
   repeat) step 60 python3 bench/gpu/agdm_repeatability.py ;;
   gn) step 150 "${BENCH[@]}" bench/bench_group_norm_silu.py -k gpu \

@@ -1,11 +1,14 @@
 """Where the time of one DDPM++ CIFAR-10 forward goes, per backend: the share of each kind of op.
 
-    python bench/profile_model.py [--device cpu|cuda] [--batch 8]
+    python bench/profile_model.py [--device cpu|cuda] [--batch 8] [--precision fp32|bf16]
+        [--providers torch-eager,rdp] [--top 0]
 
 The models of bench/bench_model.py (score_sde's config, random weights, eval, no gradients), profiled
-once per provider (torch-eager in NCHW, rdp in the engine's layout) after a warm-up. It says how much of a
-forward each kind of op takes. Last, it prints how far the rdp forward's output is from torch-eager's (the
-Winograd convolutions round differently from the direct ones), relative to the output's largest magnitude.
+once per provider (torch-eager in NCHW, torch-eager-channels-last, rdp in the engine's layout) after a
+warm-up, in float32 or under bf16 autocast (what purify(..., precision="bf16") runs). It says how much of a
+forward each kind of op takes and, with --top K, the K kernels that take the most time, by name. Last, it
+prints how far each provider's output is from the first one's (the Winograd convolutions round differently
+from the direct ones), relative to the output's largest magnitude.
 """
 import argparse
 import os
@@ -34,44 +37,69 @@ def kind_of(name):
     return "other (adds, copies, resampling, ...)"
 
 
-def profile_forward(model, x, t, device):
-    """The time per kind of op (microseconds) and the output of one profiled forward."""
+def profile_forward(model, x, t, device, precision):
+    """The self time of every op or kernel (microseconds, by name) and the output of one profiled forward."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.no_grad():
-        model(x, t)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.no_grad(), autocast:
+        model(x, t)  # warm-up: Triton compilation and autotuning, cuDNN algorithm choice, allocator
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         with profile(activities=activities) as prof:
             out = model(x, t)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-    shares = {}
+    times = {}
     for event in prof.key_averages():
         time_us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
-        shares[kind_of(event.key)] = shares.get(kind_of(event.key), 0.0) + time_us
-    return shares, out
+        if time_us > 0:
+            times[event.key] = times.get(event.key, 0.0) + time_us
+    return times, out
+
+
+def report(provider, backend, times, top):
+    """Prints the shares per kind of op and the `top` most expensive ops or kernels."""
+    total = sum(times.values())
+    shares = {}
+    for name, time_us in times.items():
+        shares[kind_of(name)] = shares.get(kind_of(name), 0.0) + time_us
+    print(f"\n{provider} (backend {backend}): {total / 1e3:.2f} ms of op self time")
+    for kind, time_us in sorted(shares.items(), key=lambda item: -item[1]):
+        print(f"  {kind:<50} {time_us / 1e3:9.2f} ms  {100 * time_us / total:5.1f}%")
+    for name, time_us in sorted(times.items(), key=lambda item: -item[1])[:top]:
+        print(f"    {time_us / 1e3:8.3f} ms {100 * time_us / total:5.1f}%  {name[:110]}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--providers", default="torch-eager,rdp",
+                        help="comma-separated, from torch-eager, torch-eager-channels-last, rdp")
+    parser.add_argument("--top", type=int, default=0, help="also list the K most expensive ops or kernels")
     args = parser.parse_args()
+    backends = {"torch-eager": "torch", "torch-eager-channels-last": "torch", "rdp": "auto"}
+    providers = args.providers.split(",")
+    unknown = sorted(set(providers) - set(backends))
+    if unknown:
+        parser.error(f"unknown providers {unknown}; expected some of {sorted(backends)}")
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32, generator=gen).to(device)
     t = (torch.rand(args.batch, generator=gen) * 100).to(device)
-    print(f"DDPM++ CIFAR-10 forward, batch {args.batch}, {device.type}, {torch.get_num_threads()} threads")
-    outputs = []
-    for provider, backend in (("torch-eager", "torch"), ("rdp", "auto")):
-        os.environ["RDP_CORE_BACKEND"] = backend
-        shares, out = profile_forward(_provider_model(device, provider), x, t, device)
-        outputs.append(out.double())
-        total = sum(shares.values())
-        print(f"\n{provider} (backend {backend}): {total / 1e3:.1f} ms of op self time")
-        for kind, time_us in sorted(shares.items(), key=lambda item: -item[1]):
-            print(f"  {kind:<50} {time_us / 1e3:9.1f} ms  {100 * time_us / total:5.1f}%")
-    eager, rdp = outputs
-    difference = ((rdp - eager).abs().max() / eager.abs().max()).item()
-    print(f"\nmax |rdp - torch-eager| / max |torch-eager| = {difference:.2g}")
+    print(f"DDPM++ CIFAR-10 forward, batch {args.batch}, {args.precision}, {device.type}, "
+          f"{torch.get_num_threads()} threads")
+    outputs = {}
+    for provider in providers:
+        os.environ["RDP_CORE_BACKEND"] = backends[provider]
+        times, out = profile_forward(_provider_model(device, provider), x, t, device, args.precision)
+        outputs[provider] = out.double()
+        report(provider, backends[provider], times, args.top)
+    first, *others = providers
+    for provider in others:
+        difference = ((outputs[provider] - outputs[first]).abs().max() / outputs[first].abs().max()).item()
+        print(f"\nmax |{provider} - {first}| / max |{first}| = {difference:.2g}")
 
 
 if __name__ == "__main__":
