@@ -190,10 +190,13 @@ class _GraphedAdjointSolve(torch.autograd.Function):
 
 def _math_flags():
     """The global switches that change which kernels a capture records: a graph captured with TF32 off would
-    otherwise replay IEEE float32 after the caller allowed TF32 (and the reverse)."""
+    otherwise replay IEEE float32 after the caller allowed TF32 (and the reverse), one captured before the
+    caller asked for deterministic algorithms would go on replaying cuDNN's atomic-accumulating ones."""
     return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
             torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
-            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction)
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+            torch.are_deterministic_algorithms_enabled())
 
 
 def _key(reverse, x_t, guidance, reference, *extra):

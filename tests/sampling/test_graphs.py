@@ -66,14 +66,16 @@ def test_static_buffers_replay_the_eager_solve(monkeypatch, guidance, solver):
     assert cached_graphs(model) == 1
 
 
-def test_changing_tf32_builds_a_new_graph(monkeypatch):
+@pytest.mark.parametrize("flag", ["allow_tf32", "deterministic", "benchmark"])
+def test_changing_a_cudnn_switch_builds_a_new_graph(monkeypatch, flag):
     # A graph replays the kernels it recorded: one captured with TF32 off must not serve a call with TF32 on
-    # (seen on an H200: the "tf32" bench row replayed the fp32 capture at the fp32 time).
+    # (seen on an H200: the "tf32" bench row replayed the fp32 capture at the fp32 time), nor one captured with
+    # cuDNN's nondeterministic algorithms a call made after asking for deterministic ones.
     use_stand_in_capture(monkeypatch)
     model, x = _tiny_model(), torch.rand(2, 3, 32, 32)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    monkeypatch.setattr(torch.backends.cudnn, flag, getattr(torch.backends.cudnn, flag))
     for allowed in (False, True, False):
-        torch.backends.cudnn.allow_tf32 = allowed
+        setattr(torch.backends.cudnn, flag, allowed)
         _purified(x, model, 0, t_star=0.003, steps=2, graphs=True)
     assert cached_graphs(model) == 2
 
