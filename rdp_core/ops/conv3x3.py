@@ -17,7 +17,9 @@ Gradients are the convolution's own, rounded as any backward is: the input gradi
 convolution is itself one (with the filter flipped and its channels swapped), run by the same Winograd
 kernels; weight and bias gradients, only computed when they require grad, use torch's convolution
 backward. A backward that must itself be differentiable (create_graph=True: the adjoint's second-order
-guidance terms) differentiates the reference instead.
+guidance terms) runs that input-gradient convolution as a differentiable Winograd convolution in turn, so
+its values equal the plain backward's and its own gradients are again convolutions; weight and bias
+gradients then differentiate the reference.
 """
 import functools
 
@@ -130,7 +132,7 @@ class _Conv3x3Cpp(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
-            return (*_reference_vjp(x, weight, bias, grad_y, needs), None)
+            return (*_differentiable_vjp(x, weight, bias, grad_y, needs, ctx.filters), None)
         grad_y = grad_y.contiguous(memory_format=torch.channels_last)
         grad_x = grad_weight = grad_bias = None
         if needs[0]:
@@ -143,6 +145,33 @@ class _Conv3x3Cpp(torch.autograd.Function):
         if needs[2]:
             grad_bias = grad_y.sum(dim=(0, 2, 3))
         return grad_x, grad_weight, grad_bias, None
+
+
+class _AdjointFilters:
+    """What a WinogradFilters cache would hand out for adjoint_filters(weight): the adjoint packing of `weight`'s
+    cache and, as the adjoint of the adjoint, `weight`'s own packing. Nothing is packed twice."""
+
+    def __init__(self, filters, weight):
+        self._filters, self._weight = filters, weight
+
+    def get(self, _adjoint_weight, adjoint=False):
+        return self._filters.get(self._weight, adjoint=not adjoint)
+
+
+def _differentiable_vjp(x, weight, bias, grad_y, needs, filters):
+    """The VJP as differentiable operations, for a backward under create_graph (the adjoint's second-order
+    guidance terms). The input gradient is the convolution of grad_y with the adjoint filters, run as a
+    _Conv3x3Cpp itself: differentiable to any order, rounded as the plain backward rounds, and without
+    recomputing the forward. Weight and bias gradients (rarely wanted here) come from the reference."""
+    grad_x = grad_weight = grad_bias = None
+    if needs[0]:
+        if _winograd_fits(in_channels=weight.shape[0], out_channels=weight.shape[1]):
+            grad_x = _Conv3x3Cpp.apply(grad_y, adjoint_filters(weight), None, _AdjointFilters(filters, weight))
+        else:
+            grad_x = F.conv_transpose2d(grad_y, weight, padding=1)
+    if needs[1] or needs[2]:
+        _, grad_weight, grad_bias = _reference_vjp(x, weight, bias, grad_y, (False, *needs[1:]))
+    return grad_x, grad_weight, grad_bias
 
 
 def _reference_vjp(x, weight, bias, grad_y, needs):

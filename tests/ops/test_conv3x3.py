@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rdp_core import _backend
-from rdp_core.ops.conv3x3 import Conv2d, WinogradFilters, conv3x3, conv3x3_torch, winograd_weights
+from rdp_core.ops.conv3x3 import (Conv2d, WinogradFilters, adjoint_filters, conv3x3, conv3x3_torch,
+                                  winograd_weights)
 
 CPP_BUILT = _backend.cpp_extension() is not None
 needs_cpp = pytest.mark.skipif(not CPP_BUILT, reason="rdp_core._C was not built")
@@ -92,16 +93,37 @@ def test_gradients_only_for_inputs_that_ask(backend):
 @needs_cpp
 def test_cpp_second_derivatives_are_exact():
     # The adjoint's guidance terms differentiate a backward: it must itself be differentiable, and exact.
+    # Its input gradient is itself a Winograd convolution, so the bound is the Winograd one, against float64.
     x, weight, bias = tensors(2, 64, 5, 7, 64, seed=5)
     direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
     hvps = []
-    for fn in (lambda *t: conv3x3(*t, backend="cpp"), conv3x3_torch):
-        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    for fn, dtype in ((lambda *t: conv3x3(*t, backend="cpp"), torch.float32), (conv3x3_torch, torch.float64)):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, weight, bias)]
         (grad_x,) = torch.autograd.grad(fn(*leaves).square().sum(), leaves[:1], create_graph=True)
-        hvps.append(torch.autograd.grad((grad_x * direction).sum(), leaves))
-    for ours, reference in zip(*hvps):
-        assert reference.abs().max() > 1e-2  # a second-order term that could be lost
-        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+        hvps.append(torch.autograd.grad((grad_x * direction.to(dtype)).sum(), leaves))
+    for ours, exact in zip(*hvps):
+        assert exact.abs().max() > 1e-2  # a second-order term that could be lost
+        assert max_relative_error(ours, exact) <= WINOGRAD_RTOL
+
+
+@needs_cpp
+def test_cpp_backward_under_create_graph_is_the_plain_backward():
+    # The adjoint recomputes each step's guidance gradient under create_graph: that backward must give the
+    # values the plain one gives (the same Winograd input-gradient convolution, not a second forward and a
+    # direct convolution), and stay differentiable.
+    x, weight, bias = tensors(2, 64, 8, 8, 64, seed=6)
+    grad_y = torch.randn(2, 64, 8, 8, generator=torch.Generator().manual_seed(3)).requires_grad_()
+    grads = []
+    for create_graph in (False, True):
+        leaf = x.clone().requires_grad_()
+        y = conv3x3(leaf, weight, bias, backend="cpp")
+        grads.append(torch.autograd.grad(y, leaf, grad_y, create_graph=create_graph)[0])
+    assert torch.equal(grads[0], grads[1].detach())
+    assert grads[1].requires_grad  # a graph back to grad_y: the input gradient is linear in it
+    (second,) = torch.autograd.grad(grads[1].square().sum(), grad_y)
+    exact = conv3x3_torch(conv3x3_torch(grad_y.detach().double(), adjoint_filters(weight).double()) * 2,
+                          weight.double())
+    assert max_relative_error(second, exact) <= WINOGRAD_RTOL
 
 
 @needs_cpp
