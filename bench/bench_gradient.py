@@ -10,9 +10,6 @@ Providers, side by side on one model, batch and loss:
 - autograd: plain autograd through the unrolled loop (`purify(grad="autograd")`).
 - checkpoint-per-step: torch.utils.checkpoint around every step (no activations kept, every step recomputed).
 - rdp-adjoint: `purify(grad="adjoint")`, the checkpointed adjoint.
-- rdp-adjoint-agdm: the same adjoint through AGDM-guided purification (the paper's method with the shipped
-  auxiliary network): what one attack gradient costs against it, whose exact gradient back-propagates
-  through each step's guidance gradient (second derivatives of the score model and the auxiliary network).
 - rdp-adjoint-graphed (GPU only): the same adjoint replayed from CUDA graphs (`graphs=True`), timed after
   one untimed call that captures them.
 - no-grad-purify: the purification alone under no_grad, the memory reference for the others.
@@ -41,8 +38,8 @@ from rdp_core.train import CPU_MODEL
 from diffpure_sde import torchsde_purify
 
 T_STAR = 0.1
-PROVIDERS = ["torchsde-adjoint", "autograd", "checkpoint-per-step", "rdp-adjoint", "rdp-adjoint-agdm",
-             "rdp-adjoint-graphed", "no-grad-purify"]
+PROVIDERS = ["torchsde-adjoint", "autograd", "checkpoint-per-step", "rdp-adjoint", "rdp-adjoint-graphed",
+             "no-grad-purify"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,11 +62,11 @@ def _loss(classifier, purified, y):
     return F.cross_entropy(classifier(purified), y)
 
 
-def _rdp(grad, graphs=None, guidance=None):
+def _rdp(grad, graphs=None):
     def run(model, classifier, x, y):
         x = x.clone().requires_grad_(True)
         out = rdp_core.purify(x, T_STAR, model=model, grad=grad, generator=torch.Generator().manual_seed(1),
-                              graphs=graphs, guidance=guidance)
+                              graphs=graphs)
         return torch.autograd.grad(_loss(classifier, out, y), x)[0]
 
     return run
@@ -107,7 +104,6 @@ RUNS = {
     "autograd": _rdp("autograd"),
     "checkpoint-per-step": _checkpoint_per_step,
     "rdp-adjoint": _rdp("adjoint"),
-    "rdp-adjoint-agdm": _rdp("adjoint", guidance="agdm"),
     "rdp-adjoint-graphed": _rdp("adjoint", graphs=True),
     "no-grad-purify": _no_grad_purify,
 }
