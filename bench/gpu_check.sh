@@ -2,7 +2,7 @@
 # The GPU checks of the kernels and adjoint issues in one device call: the kernel and whole-model tests on
 # CUDA, then the GPU benchmarks, each step under its own time limit so one slow step cannot eat the lease.
 #   bash bench/gpu_check.sh        (logs and pytest-benchmark JSON go to $OUT)
-#   STEPS="gn attn" bash bench/gpu_check.sh   (a subset; steps: tests graphs repeat profile gn attn grad purify, or a bench
+#   STEPS="gn attn" bash bench/gpu_check.sh   (a subset; steps: checks tests graphs repeat profile gn attn grad purify, or a bench
 #   name like model)
 # Next session, in this order (the open questions first): BUDGET=560 STEPS="repeat profile purify tests grad"
 #   PURIFY_BATCHES=256 PURIFY_PROVIDERS="torchsde or tf32 or bf16" GRAD_PROVIDERS="rdp-adjoint no-grad-purify
@@ -50,6 +50,15 @@ for s in $STEPS; do case $s in
   # one test turns autotuning back on to sign off the tuned configs.
   tests) step 240 env RDP_CORE_TRITON_AUTOTUNE=0 "${PYTEST[@]}" -v --timeout=60 tests/kernels/test_models_on_gpu.py \
         tests/sampling/test_graphs.py tests/kernels --junitxml="$OUT/tests.xml" ;;
+  # The correctness checks side by side: the kernel tests spread over xdist workers (the Triton compiles are
+  # CPU-bound, one per kernel) in the background, the AGDM repeatability check in the foreground. Neither is a
+  # timing, so sharing the GPU costs them nothing; the timed steps come after, alone.
+  checks) step 200 env RDP_CORE_TRITON_AUTOTUNE=0 "${PYTEST[@]}" -v -n "${TEST_WORKERS:-8}" --timeout=90 \
+            tests/kernels/test_models_on_gpu.py tests/sampling/test_graphs.py tests/kernels \
+            --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1 &
+          checks_pid=$!
+          step 90 python3 bench/gpu/agdm_repeatability.py
+          wait "$checks_pid"; tail -n 40 "$OUT/tests.log" | tee -a "$log" ;;
   graphs) step 120 "${PYTEST[@]}" -v --timeout=60 tests/sampling/test_graphs.py --junitxml="$OUT/graphs.xml" ;;
   # Batch 256 first: the issue's targets are at that batch.
   # PURIFY_BATCHES / PURIFY_PROVIDERS (a -k expression) narrow it, e.g. PURIFY_BATCHES=256
