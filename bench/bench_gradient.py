@@ -9,7 +9,10 @@ Providers, side by side on one model, batch and loss:
   model weights left trainable so the adjoint also integrates their gradients, as in DiffPure).
 - autograd: plain autograd through the unrolled loop (`purify(grad="autograd")`).
 - checkpoint-per-step: torch.utils.checkpoint around every step (no activations kept, every step recomputed).
-- rdp-adjoint: `purify(grad="adjoint")`, the checkpointed adjoint.
+- rdp-adjoint: `purify(grad="adjoint")`, the checkpointed adjoint (every state kept while they fit its budget:
+  nothing recomputed).
+- rdp-adjoint-sqrt-k: the same with the fewest kept states, every k = sqrt(steps)-th, each segment recomputed
+  (what a memory budget too small for every state gets).
 - rdp-adjoint-graphed (GPU only): the same adjoint replayed from CUDA graphs (`graphs=True`), timed after
   one untimed call that captures them.
 - no-grad-purify: the purification alone under no_grad, the memory reference for the others.
@@ -34,12 +37,14 @@ import rdp_core
 from rdp_core.models.classifiers import CifarResNet
 from rdp_core.models.ncsnpp import CIFAR10_DDPMPP, NCSNpp, ScoreSDEEpsModel
 from rdp_core.sampling import DIFFUSION_DRAW, VP, StepNoise, make_solver
+from rdp_core.sampling.adjoint import sqrt_checkpoint_every
 from rdp_core.train import CPU_MODEL
 from diffpure_sde import torchsde_purify
 
 T_STAR = 0.1
-PROVIDERS = ["torchsde-adjoint", "autograd", "checkpoint-per-step", "rdp-adjoint", "rdp-adjoint-graphed",
-             "no-grad-purify"]
+STEPS = make_solver("sde", T_STAR).num_steps  # 100: the solver's default grid at this t*
+PROVIDERS = ["torchsde-adjoint", "autograd", "checkpoint-per-step", "rdp-adjoint", "rdp-adjoint-sqrt-k",
+             "rdp-adjoint-graphed", "no-grad-purify"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,11 +67,11 @@ def _loss(classifier, purified, y):
     return F.cross_entropy(classifier(purified), y)
 
 
-def _rdp(grad, graphs=None):
+def _rdp(grad, graphs=None, checkpoint_every=None):
     def run(model, classifier, x, y):
         x = x.clone().requires_grad_(True)
         out = rdp_core.purify(x, T_STAR, model=model, grad=grad, generator=torch.Generator().manual_seed(1),
-                              graphs=graphs)
+                              graphs=graphs, checkpoint_every=checkpoint_every)
         return torch.autograd.grad(_loss(classifier, out, y), x)[0]
 
     return run
@@ -104,6 +109,7 @@ RUNS = {
     "autograd": _rdp("autograd"),
     "checkpoint-per-step": _checkpoint_per_step,
     "rdp-adjoint": _rdp("adjoint"),
+    "rdp-adjoint-sqrt-k": _rdp("adjoint", checkpoint_every=sqrt_checkpoint_every(STEPS)),
     "rdp-adjoint-graphed": _rdp("adjoint", graphs=True),
     "no-grad-purify": _no_grad_purify,
 }

@@ -222,7 +222,7 @@ def graphed_solve(model, reverse, step, x_t, guidance=None, reference=()):
 def graphed_adjoint_solve(model, reverse, step, x_t, noise, guidance=None, reference=(), every=None):
     """The final state of the reverse solve from x_t, differentiable by the checkpointed adjoint replayed from
     cached CUDA graphs (a GraphedAdjoint per model, solver grid, guidance, state and checkpoint spacing)."""
-    every = default_checkpoint_every(reverse.num_steps) if every is None else every
+    every = default_checkpoint_every(reverse.num_steps, x_t.numel() * x_t.element_size()) if every is None else every
     needs = tuple(r.requires_grad for r in reference)
     per_model = _CACHE.setdefault(model, {})
     key = _key(reverse, x_t, guidance, reference, "adjoint", every, needs)

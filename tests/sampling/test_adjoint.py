@@ -1,4 +1,4 @@
-"""The checkpointed adjoint gives the exact gradient of what was computed, at O(sqrt(steps)) memory."""
+"""The checkpointed adjoint gives the exact gradient of what was computed, at bounded memory."""
 import math
 
 import pytest
@@ -7,7 +7,8 @@ from torch import nn
 
 import rdp_core
 from rdp_core.sampling import SOLVERS, StepNoise, make_solver
-from rdp_core.sampling.adjoint import checkpointed_solve, default_checkpoint_every
+from rdp_core.sampling import adjoint
+from rdp_core.sampling.adjoint import checkpointed_solve, default_checkpoint_every, sqrt_checkpoint_every
 from tiny_models import TinyEps, assert_relative_close, images, input_gradient
 
 
@@ -113,7 +114,32 @@ def _saved_bytes(fn):
     return total
 
 
-def test_adjoint_memory_grows_with_sqrt_steps_while_autograd_grows_linearly():
+def test_the_spacing_is_the_smallest_whose_kept_states_fit_the_budget():
+    assert default_checkpoint_every(100, state_bytes=10, budget=1000) == 1  # 100 states
+    assert default_checkpoint_every(100, state_bytes=10, budget=999) == 2  # 50 checkpoints + 1 recomputed
+    assert default_checkpoint_every(100, state_bytes=10, budget=200) == 8  # 15 + 6 = 21 > 20 at k = 7, 13 + 7 at 8
+    assert default_checkpoint_every(100, state_bytes=10, budget=1) == sqrt_checkpoint_every(100) == 10
+    assert default_checkpoint_every(1, state_bytes=10**9, budget=1) == 1
+    # a batch of 64 CIFAR-10 images over 100 steps fits the default budget: nothing is recomputed
+    assert default_checkpoint_every(100, state_bytes=64 * 3 * 32 * 32 * 4) == 1
+
+
+def test_states_that_fit_the_budget_are_all_kept_and_never_recomputed(monkeypatch):
+    calls = 0
+    model = TinyEps()
+
+    def counted(x, t):
+        nonlocal calls
+        calls += 1
+        return model(x, t)
+
+    x = images().requires_grad_(True)
+    rdp_core.purify(x, 0.1, model=counted, steps=20, grad="adjoint").sum().backward()
+    assert calls == 20 + 20  # the forward's steps, then one vector-Jacobian product per step
+
+
+def test_adjoint_memory_grows_with_sqrt_steps_while_autograd_grows_linearly(monkeypatch):
+    monkeypatch.setattr(adjoint, "STATE_MEMORY_BUDGET", 0)  # the fewest states: the sqrt(steps) spacing
     model, x = TinyEps(hidden=16), images(n=4)
     state_bytes = x.numel() * x.element_size()
     measured = {}
@@ -125,20 +151,19 @@ def test_adjoint_memory_grows_with_sqrt_steps_while_autograd_grows_linearly():
     assert measured["autograd", 64] > 3.5 * measured["autograd", 16]
     # The adjoint keeps ceil(sqrt(steps)) checkpoint states, plus what the diffusion to x_t keeps.
     for steps in (16, 64):
-        checkpoints = math.ceil(steps / default_checkpoint_every(steps)) * state_bytes
+        checkpoints = math.ceil(steps / sqrt_checkpoint_every(steps)) * state_bytes
         assert checkpoints <= measured["adjoint", steps] <= checkpoints + 4 * state_bytes
     assert measured["adjoint", 64] < measured["autograd", 64] / 20
 
 
 def test_backward_holds_one_segment_of_states_at_a_time(monkeypatch):
-    from rdp_core.sampling import adjoint
-
+    monkeypatch.setattr(adjoint, "STATE_MEMORY_BUDGET", 0)
     lengths = []
     replay = adjoint._replay
     monkeypatch.setattr(adjoint, "_replay", lambda *a: lengths.append(len(out := replay(*a))) or out)
     x = images().requires_grad_(True)
     rdp_core.purify(x, 0.1, model=TinyEps(), steps=50, grad="adjoint").sum().backward()
-    every = default_checkpoint_every(50)
+    every = sqrt_checkpoint_every(50)
     assert max(lengths) == every and sum(lengths) == 50 and len(lengths) == math.ceil(50 / every)
 
 
