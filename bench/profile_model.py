@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,7 +39,10 @@ def kind_of(name):
 
 
 def profile_forward(model, x, t, device, precision):
-    """The self time of every op or kernel (microseconds, by name) and the output of one profiled forward."""
+    """(ops, kernels, output) of one profiled forward: the self time (microseconds, by name) of every op and of
+    every kernel. On a GPU an op's self device time is that of the kernels it launched, which are listed again
+    as kernels: summing both would count every kernel twice, so kinds are read from the ops and the top list
+    from the kernels. On the CPU both are the ops' self CPU time."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     with torch.no_grad(), autocast:
@@ -49,24 +53,28 @@ def profile_forward(model, x, t, device, precision):
             out = model(x, t)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-    times = {}
+    ops, kernels = {}, {}
     for event in prof.key_averages():
-        time_us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        if device.type == "cuda":
+            time_us = event.self_device_time_total
+            times = ops if event.device_type == DeviceType.CPU else kernels
+        else:
+            time_us, times = event.self_cpu_time_total, ops
         if time_us > 0:
             times[event.key] = times.get(event.key, 0.0) + time_us
-    return times, out
+    return ops, (kernels if device.type == "cuda" else ops), out
 
 
-def report(provider, backend, times, top):
-    """Prints the shares per kind of op and the `top` most expensive ops or kernels."""
-    total = sum(times.values())
+def report(provider, backend, ops, kernels, top):
+    """Prints the shares per kind of op and the `top` most expensive kernels (ops on the CPU)."""
+    total = sum(ops.values())
     shares = {}
-    for name, time_us in times.items():
+    for name, time_us in ops.items():
         shares[kind_of(name)] = shares.get(kind_of(name), 0.0) + time_us
     print(f"\n{provider} (backend {backend}): {total / 1e3:.2f} ms of op self time")
     for kind, time_us in sorted(shares.items(), key=lambda item: -item[1]):
         print(f"  {kind:<50} {time_us / 1e3:9.2f} ms  {100 * time_us / total:5.1f}%")
-    for name, time_us in sorted(times.items(), key=lambda item: -item[1])[:top]:
+    for name, time_us in sorted(kernels.items(), key=lambda item: -item[1])[:top]:
         print(f"    {time_us / 1e3:8.3f} ms {100 * time_us / total:5.1f}%  {name[:110]}")
 
 
@@ -77,7 +85,7 @@ def main():
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--providers", default="torch-eager,rdp",
                         help="comma-separated, from torch-eager, torch-eager-channels-last, rdp")
-    parser.add_argument("--top", type=int, default=0, help="also list the K most expensive ops or kernels")
+    parser.add_argument("--top", type=int, default=0, help="also list the K most expensive kernels (ops on the CPU)")
     args = parser.parse_args()
     backends = {"torch-eager": "torch", "torch-eager-channels-last": "torch", "rdp": "auto"}
     providers = args.providers.split(",")
@@ -93,9 +101,9 @@ def main():
     outputs = {}
     for provider in providers:
         os.environ["RDP_CORE_BACKEND"] = backends[provider]
-        times, out = profile_forward(_provider_model(device, provider), x, t, device, args.precision)
+        ops, kernels, out = profile_forward(_provider_model(device, provider), x, t, device, args.precision)
         outputs[provider] = out.double()
-        report(provider, backends[provider], times, args.top)
+        report(provider, backends[provider], ops, kernels, args.top)
     first, *others = providers
     for provider in others:
         difference = ((outputs[provider] - outputs[first]).abs().max() / outputs[first].abs().max()).item()
