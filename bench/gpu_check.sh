@@ -2,11 +2,11 @@
 # The GPU checks of the kernels and adjoint issues in one device call: the kernel and whole-model tests on
 # CUDA, then the GPU benchmarks, each step under its own time limit so one slow step cannot eat the lease.
 #   bash bench/gpu_check.sh        (logs and pytest-benchmark JSON go to $OUT)
-#   STEPS="gn attn" bash bench/gpu_check.sh   (a subset; steps: checks tests graphs repeat profile gn attn grad purify, or a bench
+#   STEPS="gn attn" bash bench/gpu_check.sh   (a subset; steps: tests graphs repeat profile gn attn grad purify, or a bench
 #   name like model)
-# Next session, in this order (the open questions first): BUDGET=560 STEPS="repeat profile purify tests grad"
-#   PURIFY_BATCHES=256 PURIFY_PROVIDERS="torchsde or tf32 or bf16" GRAD_PROVIDERS="rdp-adjoint no-grad-purify
-#   torchsde-adjoint" bash bench/gpu_check.sh, with .whl carried
+# Next session, in this order (the open questions first): BUDGET=560 STEPS="tests grad gn attn"
+#   GRAD_PROVIDERS="rdp-adjoint rdp-adjoint-graphed" bash bench/gpu_check.sh, with .whl carried (the kernel and
+#   graph tests by name, the adjoint with its new every-state default and graphed, the kernels' graph timings)
 #   STEPS=grad GRAD_PROVIDERS="rdp-adjoint torchsde-adjoint" bash bench/gpu_check.sh   (some gradient providers)
 # torchsde is not on the lent machines: carry its wheels, fetched here into the git-ignored .whl/ with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl torchsde==0.2.6 trampoline==0.1.2
@@ -14,6 +14,9 @@
 # compiles, attn 76 s, grad well over 190 s at batch 64 (two providers done in 190 s), tests over 120 s (the
 # fp32 head_dim-512 attention kernels compile slowly): all four do not fit one 10-minute call. Second session:
 # graphs 117 s; purify at batch 256 over 200 s for its first three providers, batch 64 163 s, batch 1 68 s.
+# Third session (2026-11-28): purify at batch 256, torchsde + tf32 + bf16, 159 s; grad no-grad-purify 26 s,
+# rdp-adjoint 97 s, torchsde-adjoint 74 s; profile 15 s; repeat 70 s alone, over 90 s beside the tests, which
+# with 8 xdist workers got through 74 of 91 in 200 s.
 # Starting a machine took from 30 s to over 5 minutes of the session's device time.
 set -u
 OUT=${OUT:-/tmp/rdp-gpu-check}
@@ -42,24 +45,19 @@ step() {  # step LIMIT_S COMMAND...: run under a time limit, log its output, its
 }
 
 PYTEST=(python3 -m pytest -q -p no:cacheprovider -rs)
+# The tests verbose (no -q): with xdist, each result is printed with its name as it comes, so a step stopped
+# by its limit still says which passed and which failed.
+TESTS=(python3 -m pytest -p no:cacheprovider -v -rfEs --durations=15 -n "${TEST_WORKERS:-8}" --timeout=90)
 BENCH=("${PYTEST[@]}" --benchmark-only --benchmark-group-by=group --benchmark-columns=median,iqr,rounds)
 STEPS=${STEPS:-tests gn attn grad}
 for s in $STEPS; do case $s in
-  # -v names each test as it runs and pytest-timeout (on the lent machines) stops one that hangs.
-  # RDP_CORE_TRITON_AUTOTUNE=0: one compile per attention kernel (its smallest config) instead of up to four;
-  # one test turns autotuning back on to sign off the tuned configs.
-  tests) step 240 env RDP_CORE_TRITON_AUTOTUNE=0 "${PYTEST[@]}" -v --timeout=60 tests/kernels/test_models_on_gpu.py \
+  # Spread over xdist workers (pytest-xdist is on the lent machines): the Triton compiles are CPU-bound, one
+  # per kernel; pytest-timeout stops one that hangs. RDP_CORE_TRITON_AUTOTUNE=0: one compile per attention
+  # kernel (its smallest config) instead of up to four; one test turns autotuning back on to sign off the
+  # tuned configs.
+  tests) step 300 env RDP_CORE_TRITON_AUTOTUNE=0 "${TESTS[@]}" tests/kernels/test_models_on_gpu.py \
         tests/sampling/test_graphs.py tests/kernels --junitxml="$OUT/tests.xml" ;;
-  # The correctness checks side by side: the kernel tests spread over xdist workers (the Triton compiles are
-  # CPU-bound, one per kernel) in the background, the AGDM repeatability check in the foreground. Neither is a
-  # timing, so sharing the GPU costs them nothing; the timed steps come after, alone.
-  checks) step 200 env RDP_CORE_TRITON_AUTOTUNE=0 "${PYTEST[@]}" -v -n "${TEST_WORKERS:-8}" --timeout=90 \
-            tests/kernels/test_models_on_gpu.py tests/sampling/test_graphs.py tests/kernels \
-            --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1 &
-          checks_pid=$!
-          step 90 python3 bench/gpu/agdm_repeatability.py
-          wait "$checks_pid"; tail -n 40 "$OUT/tests.log" | tee -a "$log" ;;
-  graphs) step 120 "${PYTEST[@]}" -v --timeout=60 tests/sampling/test_graphs.py --junitxml="$OUT/graphs.xml" ;;
+  graphs) step 120 "${TESTS[@]}" tests/sampling/test_graphs.py --junitxml="$OUT/graphs.xml" ;;
   # Batch 256 first: the issue's targets are at that batch.
   # PURIFY_BATCHES / PURIFY_PROVIDERS (a -k expression) narrow it, e.g. PURIFY_BATCHES=256
   # PURIFY_PROVIDERS="torchsde or tf32 or bf16": the IEEE float32 rows take most of the time at batch 256.
@@ -72,7 +70,7 @@ for s in $STEPS; do case $s in
   profile) step 90 python3 bench/profile_model.py --device cuda --batch 64 --precision bf16 --top 15 \
              --providers rdp,torch-eager,torch-eager-channels-last ;;
   # Eager AGDM against itself beside graphed against eager: reads the graph tests' AGDM failures.
-  repeat) step 60 python3 bench/gpu/agdm_repeatability.py ;;
+  repeat) step 90 python3 bench/gpu/agdm_repeatability.py ;;
   gn) step 150 "${BENCH[@]}" bench/bench_group_norm_silu.py -k gpu \
         --benchmark-warmup=on --benchmark-max-time=0.25 --benchmark-json="$OUT/bench-gn.json" ;;
   attn) step 120 "${BENCH[@]}" bench/bench_attention.py -k gpu \
