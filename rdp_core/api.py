@@ -36,8 +36,9 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
     clip: clamp the result to [0, 1]; the gradient of the clamp is exact (zero where it saturates).
     progress: show a progress bar over the reverse steps.
     grad: how gradients flow back to x (only matters when x requires grad):
-        "adjoint"  the exact gradient of the computed purification at O(sqrt(steps)) memory, by the
-                   checkpointed adjoint (rdp_core.sampling.adjoint); checkpoint_every sets its spacing k.
+        "adjoint"  the exact gradient of the computed purification at the memory of one step's graph plus
+                   kept states, by the checkpointed adjoint (rdp_core.sampling.adjoint); checkpoint_every
+                   sets its spacing k (default: every state while they fit its budget, else up to sqrt(steps)).
         "autograd" the same exact gradient by plain autograd through the unrolled loop (memory grows with
                    steps; for checking and for gradients to the score model's weights).
         "bpda"     the identity (Athalye et al.'s BPDA): purified values forward, d out / d x = I backward.
@@ -46,9 +47,10 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
         adversarial guidance with the shipped auxiliary network) or a rdp_core.guidance.Guidance; its
         options (scale, schedule, on, layer, lam, ...) in guidance_options. Every solver and every grad mode
         takes it; the adjoint and autograd differentiate through it, including its reading of x at every step.
-    graphs: replay the reverse solve as captured CUDA graphs (rdp_core.sampling.graphs). None: no-grad solves
-        without guidance on CUDA, unless RDP_CORE_DISABLE_GRAPHS=1; True: also guided solves and the adjoint's
-        forward and backward (grad="adjoint"), not yet verified on a GPU. Same result, same gradient.
+    graphs: replay the reverse solve as captured CUDA graphs (rdp_core.sampling.graphs). None: no-grad solves,
+        guided or not, on CUDA, unless RDP_CORE_DISABLE_GRAPHS=1; True: also the adjoint's forward and backward
+        (grad="adjoint"), not yet verified on a GPU with guidance. Same result, same gradient (bit for bit
+        under deterministic cuDNN; cuDNN's atomic-accumulating algorithms make eager differ from itself too).
     precision: "fp32", or "bf16" / "fp16" for the score model's convolutions and matmuls (autocast) with the
         sampler's state in float32 (rdp_core.sampling.precision).
     """
@@ -60,9 +62,9 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
     check_model_device(model, x)
     model = with_precision(model, precision)
     guide = make_guidance(guidance, x.device, **(guidance_options or {}))
-    # Guided solves and the adjoint are graphed on request only, until their GPU tests have run
-    # (rdp_core.sampling.graphs); plain no-grad solves by default on CUDA.
-    graphed = graphs_wanted(x, graphs) and (guide is None or graphs is True)
+    # No-grad solves are graphed by default on CUDA (guided ones bit for bit equal to eager on an H200); the
+    # adjoint on request only, until its guided GPU test has passed (rdp_core.sampling.graphs).
+    graphed = graphs_wanted(x, graphs)
     run = functools.partial(_purified, model=model, reverse=reverse, schedule=schedule, generator=generator,
                             clip=clip, progress=progress, guidance=guide, graphs=graphed,
                             graphed_adjoint=graphed and graphs is True)
