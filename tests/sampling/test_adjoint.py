@@ -124,7 +124,7 @@ def test_the_spacing_is_the_smallest_whose_kept_states_fit_the_budget():
     assert default_checkpoint_every(100, state_bytes=64 * 3 * 32 * 32 * 4) == 1
 
 
-def test_states_that_fit_the_budget_are_all_kept_and_never_recomputed(monkeypatch):
+def test_states_that_fit_the_budget_are_all_kept_and_never_recomputed():
     calls = 0
     model = TinyEps()
 
