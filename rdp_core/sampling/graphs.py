@@ -15,9 +15,10 @@ the checkpointed adjoint's forward and its backward (segment recomputation and p
 products), running the same functions as the eager adjoint (rdp_core.sampling.adjoint).
 
 Used by `purify` on CUDA for results that need no graph (grad="none" or "bpda", or under no_grad);
-`graphs=False` or RDP_CORE_DISABLE_GRAPHS=1 turns it off. Guided solves and the adjoint are captured only
-on request (graphs=True) until the GPU tests of tests/sampling/test_graphs.py have passed on a GPU; on the
-CPU those tests run everything but the capture itself. Graphs live as long as their model.
+`graphs=False` or RDP_CORE_DISABLE_GRAPHS=1 turns it off. Guided no-grad solves are graphed too (on an
+H200 they equalled eager bit for bit under deterministic cuDNN); the adjoint is captured only on request
+(graphs=True) until its guided GPU test in tests/sampling/test_graphs.py has passed; on the CPU those tests
+run everything but the capture itself. Graphs live as long as their model.
 """
 import os
 import weakref
