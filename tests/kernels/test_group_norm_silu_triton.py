@@ -154,7 +154,7 @@ def test_autograd_function_gives_only_the_gradients_required(activation, with_fi
 
 
 def test_autograd_function_double_backward_is_exact():
-    # create_graph=True takes the differentiable reference VJP, so Hessian-vector products stay exact.
+    # create_graph=True takes a differentiable VJP, so Hessian-vector products stay exact.
     tensors = make((1, 4, 3, 3), seed=9)
     direction = torch.randn(1, 4, 3, 3).to(DEVICE)
     results = []

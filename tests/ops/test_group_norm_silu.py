@@ -1,6 +1,7 @@
 """GroupNorm (+ scale-shift) (+ SiLU): the CPU backends against stock torch ops and the float64 reference.
 
 The Triton kernels have their own file, tests/kernels/test_group_norm_silu_triton.py."""
+import functools
 import importlib
 import os
 import subprocess
@@ -133,9 +134,10 @@ def test_cpp_second_derivatives_match_the_reference():
     x, weight, bias = inputs((2, 32, 3, 3), seed=12)
     direction = torch.randn(x.shape)
     hvps = []
-    for backend in ("torch", "cpp"):
+    # The reference differentiated by autograd, not the torch backend: the cpp double backward runs on it.
+    for op in (group_norm_silu_torch, lambda *t: group_norm_silu(*t, backend="cpp")):
         leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        y = group_norm_silu(leaves[0], 8, leaves[1], leaves[2], backend=backend)
+        y = op(leaves[0], 8, leaves[1], leaves[2])
         (grad_x,) = torch.autograd.grad(y.square().sum(), leaves[0], create_graph=True)
         hvps.append(torch.autograd.grad((grad_x * direction).sum() + leaves[0].sum(), leaves))
     for ours, reference in zip(*reversed(hvps)):
@@ -483,13 +485,13 @@ def test_cpp_backward_large_mean(activation, memory_format):
 @needs_cpp
 @pytest.mark.parametrize("activation", ["silu", None])
 def test_cpp_double_backward_through_scale_shift_is_exact(activation):
-    # create_graph=True takes the differentiable reference VJP: second derivatives, also to scale and shift.
+    # create_graph=True takes a differentiable VJP: second derivatives, also to scale and shift.
     tensors = variant_inputs((2, 32, 3, 3), seed=25, with_film=True)
     direction = torch.randn(tensors[0].shape)
     results = []
-    for backend in ("torch", "cpp"):
+    for op in (group_norm_act_torch, functools.partial(group_norm_act, backend="cpp")):
         leaves = [t.clone().requires_grad_() for t in tensors]
-        y = group_norm_act(leaves[0], 8, *leaves[1:3], 1e-5, *leaves[3:], activation=activation, backend=backend)
+        y = op(leaves[0], 8, *leaves[1:3], 1e-5, *leaves[3:], activation=activation)
         (grad_x,) = torch.autograd.grad(y.square().sum(), leaves[0], create_graph=True)
         results.append(torch.autograd.grad((grad_x * direction).sum(), leaves))
     for ours, reference in zip(results[1], results[0]):
