@@ -13,6 +13,8 @@ Providers, side by side on one model, batch and loss:
   nothing recomputed).
 - rdp-adjoint-sqrt-k: the same with the fewest kept states, every k = sqrt(steps)-th, each segment recomputed
   (what a memory budget too small for every state gets).
+- rdp-adjoint-blocks: the same with block checkpointing (`checkpoint_blocks=True`): each step's graph keeps only
+  the inputs of the score model's blocks and recomputes them (one more forward per step, for peak memory).
 - rdp-adjoint-graphed (GPU only): the same adjoint replayed from CUDA graphs (`graphs=True`), timed after
   one untimed call that captures them.
 - no-grad-purify: the purification alone under no_grad, the memory reference for the others.
@@ -30,10 +32,10 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.profiler import profile
 from torch.utils.checkpoint import checkpoint
 
 import rdp_core
+from rdp_core._backend import peak_cpu_tensor_bytes
 from rdp_core.models.classifiers import CifarResNet
 from rdp_core.models.ncsnpp import CIFAR10_DDPMPP, NCSNpp, ScoreSDEEpsModel
 from rdp_core.sampling import DIFFUSION_DRAW, VP, StepNoise, make_solver
@@ -44,7 +46,7 @@ from diffpure_sde import torchsde_purify
 T_STAR = 0.1
 STEPS = make_solver("sde", T_STAR).num_steps  # 100: the solver's default grid at this t*
 PROVIDERS = ["torchsde-adjoint", "autograd", "checkpoint-per-step", "rdp-adjoint", "rdp-adjoint-sqrt-k",
-             "rdp-adjoint-graphed", "no-grad-purify"]
+             "rdp-adjoint-blocks", "rdp-adjoint-graphed", "no-grad-purify"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,11 +69,11 @@ def _loss(classifier, purified, y):
     return F.cross_entropy(classifier(purified), y)
 
 
-def _rdp(grad, graphs=None, checkpoint_every=None):
+def _rdp(grad, **options):
     def run(model, classifier, x, y):
         x = x.clone().requires_grad_(True)
         out = rdp_core.purify(x, T_STAR, model=model, grad=grad, generator=torch.Generator().manual_seed(1),
-                              graphs=graphs, checkpoint_every=checkpoint_every)
+                              **options)
         return torch.autograd.grad(_loss(classifier, out, y), x)[0]
 
     return run
@@ -110,20 +112,10 @@ RUNS = {
     "checkpoint-per-step": _checkpoint_per_step,
     "rdp-adjoint": _rdp("adjoint"),
     "rdp-adjoint-sqrt-k": _rdp("adjoint", checkpoint_every=sqrt_checkpoint_every(STEPS)),
+    "rdp-adjoint-blocks": _rdp("adjoint", checkpoint_blocks=True),
     "rdp-adjoint-graphed": _rdp("adjoint", graphs=True),
     "no-grad-purify": _no_grad_purify,
 }
-
-
-def peak_memory_bytes(fn, device):
-    """Peak bytes of CPU tensors alive during fn(), above those alive before it."""
-    with profile(profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for event in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
 
 
 def _devices():
@@ -148,7 +140,7 @@ def test_input_gradient_through_purification(timed, benchmark, device, provider)
             with cuda_peak_memory(benchmark):
                 timed(run, device, provider=provider, batch=x.shape[0])
             return
-        benchmark.extra_info["peak MiB"] = peak_memory_bytes(run, device) / 2**20
+        benchmark.extra_info["peak MiB"] = peak_cpu_tensor_bytes(run) / 2**20
     except torch.OutOfMemoryError as err:
         torch.cuda.empty_cache()
         pytest.skip(f"{provider} ran out of memory at batch {x.shape[0]}: {str(err).splitlines()[0]}")

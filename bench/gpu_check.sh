@@ -5,8 +5,9 @@
 #   STEPS="gn attn" bash bench/gpu_check.sh   (a subset; steps: tests graphs repeat profile gn attn grad purify, or a bench
 #   name like model)
 # Next session, in this order (the open questions first): BUDGET=560 STEPS="tests grad gn attn"
-#   GRAD_PROVIDERS="rdp-adjoint rdp-adjoint-graphed" bash bench/gpu_check.sh, with .whl carried (the kernel and
-#   graph tests by name, the adjoint with its new every-state default and graphed, the kernels' graph timings)
+#   GRAD_PROVIDERS="no-grad-purify rdp-adjoint rdp-adjoint-blocks rdp-adjoint-graphed" bash bench/gpu_check.sh,
+#   with .whl carried (the kernel and graph tests by name; the adjoint with its every-state default, with block
+#   checkpointing against the 3x memory target, and graphed; the kernels' graph timings)
 #   STEPS=grad GRAD_PROVIDERS="rdp-adjoint torchsde-adjoint" bash bench/gpu_check.sh   (some gradient providers)
 # torchsde is not on the lent machines: carry its wheels, fetched here into the git-ignored .whl/ with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl torchsde==0.2.6 trampoline==0.1.2

@@ -83,3 +83,15 @@ def profiled(name):
     if torch.autograd.profiler._is_profiler_enabled:
         return torch.autograd.profiler.record_function(name)
     return contextlib.nullcontext()
+
+
+def peak_cpu_tensor_bytes(fn):
+    """Peak bytes of CPU tensors alive while fn() runs, above those alive before it, from torch.profiler's memory
+    events (the CPU allocator keeps no peak statistic of its own, unlike CUDA's)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak

@@ -16,7 +16,7 @@ from rdp_core.checks import check_images
 from rdp_core.models.default import default_eps_model_for, load_default_eps_model
 from rdp_core.sampling import DIFFUSION_DRAW, VP, StepNoise, make_solver
 from rdp_core.guidance import GuidedEps, make_guidance
-from rdp_core.sampling.adjoint import checkpointed_solve, progress_range, warn_if_trainable
+from rdp_core.sampling.adjoint import checkpoint_units, checkpointed_solve, progress_range, warn_if_trainable
 from rdp_core.sampling.graphs import graphed_adjoint_solve, graphed_solve, graphs_wanted
 from rdp_core.sampling.precision import with_precision
 
@@ -24,8 +24,8 @@ GRAD_MODES = ("adjoint", "autograd", "bpda", "none")
 
 
 def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=None, clip=True, progress=False,
-           grad="adjoint", checkpoint_every=None, schedule=VP, guidance=None, guidance_options=None, graphs=None,
-           precision="fp32", **solver_options):
+           grad="adjoint", checkpoint_every=None, checkpoint_blocks=False, schedule=VP, guidance=None,
+           guidance_options=None, graphs=None, precision="fp32", **solver_options):
     """Purified copy of the images `x` (float, NCHW, values in [0, 1]): same shape, dtype and device.
 
     t_star: diffusion time in (0, 1] (0.1 is DiffPure's CIFAR-10 setting).
@@ -38,7 +38,10 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
     grad: how gradients flow back to x (only matters when x requires grad):
         "adjoint"  the exact gradient of the computed purification at the memory of one step's graph plus
                    kept states, by the checkpointed adjoint (rdp_core.sampling.adjoint); checkpoint_every
-                   sets its spacing k (default: every state while they fit its budget, else up to sqrt(steps)).
+                   sets its spacing k (default: every state while they fit its budget, else up to sqrt(steps));
+                   checkpoint_blocks=True keeps only the inputs of the model's blocks in each step's graph and
+                   recomputes them (a third of the peak memory for one more forward per step; DDPM++ and ADM
+                   models, or any whose blocks set checkpoint_unit = True).
         "autograd" the same exact gradient by plain autograd through the unrolled loop (memory grows with
                    steps; for checking and for gradients to the score model's weights).
         "bpda"     the identity (Athalye et al.'s BPDA): purified values forward, d out / d x = I backward.
@@ -56,6 +59,7 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
     """
     check_images(x)
     check_grad_mode(grad)
+    check_block_checkpointing(checkpoint_blocks, grad, graphs)
     reverse = make_solver(solver, t_star, steps, schedule, **solver_options)
     if model is None:
         model = default_eps_model_for(x, t_star)
@@ -67,7 +71,8 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
     graphed = graphs_wanted(x, graphs)
     run = functools.partial(_purified, model=model, reverse=reverse, schedule=schedule, generator=generator,
                             clip=clip, progress=progress, guidance=guide, graphs=graphed,
-                            graphed_adjoint=graphed and graphs is True)
+                            graphed_adjoint=graphed and graphs is True,
+                            checkpoint_blocks_of=model if checkpoint_blocks else None)
     if grad in ("bpda", "none") or not torch.is_grad_enabled():
         with torch.no_grad():
             out = run(x.detach(), grad="autograd", checkpoint_every=None)
@@ -76,7 +81,7 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
 
 
 def _purified(x, *, model, reverse, schedule, generator, clip, progress, grad, checkpoint_every, guidance, graphs,
-              graphed_adjoint):
+              graphed_adjoint, checkpoint_blocks_of):
     x_in, x_t, noise = _diffused_state(x, reverse, schedule, generator)
     reference = guidance.prepare(x_in) if guidance is not None else ()
 
@@ -91,7 +96,8 @@ def _purified(x, *, model, reverse, schedule, generator, clip, progress, grad, c
             x_0 = graphed_adjoint_solve(model, reverse, step, x_t, noise, guidance, reference, checkpoint_every)
         else:
             x_0 = checkpointed_solve(lambda state, i, *context: step(state, i, noise, context), x_t,
-                                     reverse.num_steps, context=reference, every=checkpoint_every, progress=progress)
+                                     reverse.num_steps, context=reference, every=checkpoint_every, progress=progress,
+                                     checkpoint_blocks_of=checkpoint_blocks_of)
     elif graphs and not torch.is_grad_enabled():
         x_0 = graphed_solve(model, reverse, step, x_t, guidance, reference)(x_t, noise, reference)
     else:
@@ -132,14 +138,17 @@ class Purifier(nn.Module):
     """
 
     def __init__(self, classifier, model=None, t_star=0.1, *, solver="sde", steps=None, generator=None, clip=True,
-                 grad="adjoint", checkpoint_every=None, schedule=VP, guidance=None, guidance_options=None,
-                 graphs=None, precision="fp32", **solver_options):
+                 grad="adjoint", checkpoint_every=None, checkpoint_blocks=False, schedule=VP, guidance=None,
+                 guidance_options=None, graphs=None, precision="fp32", **solver_options):
         super().__init__()
         if model is None:
             model = load_default_eps_model()
         # Reject a bad configuration now, not at the first call.
         make_solver(solver, t_star, steps, schedule, **solver_options)
         check_grad_mode(grad)
+        check_block_checkpointing(checkpoint_blocks, grad, graphs)
+        if checkpoint_blocks:
+            checkpoint_units(model)  # a model without blocks to recompute is an error now, not at the first gradient
         guidance_device = _model_device(model) or torch.device("cpu")
         self.guidance = make_guidance(guidance, guidance_device, **(guidance_options or {}))
         # Registered as a submodule, so that moving the Purifier moves the auxiliary network too.
@@ -149,6 +158,7 @@ class Purifier(nn.Module):
         self.precision = precision
         self.grad = grad
         self.checkpoint_every = checkpoint_every
+        self.checkpoint_blocks = checkpoint_blocks
         self.classifier = classifier
         self.model = model
         self.t_star = t_star
@@ -162,8 +172,9 @@ class Purifier(nn.Module):
     def purify(self, x, generator=None):
         return purify(x, self.t_star, model=self.model, solver=self.solver, steps=self.steps,
                       generator=generator or self.generator, clip=self.clip, grad=self.grad,
-                      checkpoint_every=self.checkpoint_every, schedule=self.schedule, guidance=self.guidance,
-                      graphs=self.graphs, precision=self.precision, **self.solver_options)
+                      checkpoint_every=self.checkpoint_every, checkpoint_blocks=self.checkpoint_blocks,
+                      schedule=self.schedule, guidance=self.guidance, graphs=self.graphs, precision=self.precision,
+                      **self.solver_options)
 
     def train(self, mode=True):
         """Sets the classifier's mode; the guidance network stays in eval mode (its BatchNorm statistics are
@@ -196,6 +207,17 @@ def eot_gradient(purifier, x, y, draws=8, loss=None, seed=None):
 def check_grad_mode(grad):
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
+
+
+def check_block_checkpointing(checkpoint_blocks, grad, graphs):
+    if checkpoint_blocks not in (True, False):
+        raise ValueError(f"checkpoint_blocks must be True or False, got {checkpoint_blocks!r}")
+    if checkpoint_blocks and grad != "adjoint":
+        raise ValueError(f"checkpoint_blocks=True is part of the adjoint backward; it needs grad='adjoint', got "
+                         f"grad={grad!r}")
+    if checkpoint_blocks and graphs is True:
+        raise ValueError("checkpoint_blocks=True does not run inside the adjoint's CUDA graphs (graphs=True) yet; "
+                         "use one or the other")
 
 
 def _model_device(model):

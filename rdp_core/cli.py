@@ -167,6 +167,9 @@ def _add_eval_command(commands):
     p.add_argument("--steps", type=int, default=None, help="reverse steps (default: dt = 1e-3)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--eot-chunk", type=int, default=None, help="at most this many EOT copies per forward (memory)")
+    p.add_argument("--checkpoint-blocks", action="store_true",
+                   help="the attack's adjoint recomputes the score model's blocks instead of keeping one step's "
+                        "graph: about a third of the memory, one more forward per step (same gradient)")
     p.add_argument("--square-queries", type=int, default=defaults.square_queries)
     p.add_argument("--no-sanity", dest="sanity", action="store_false", help="skip the sanity-check attacks")
     p.add_argument("--sanity-images", type=int, default=defaults.sanity_images,
@@ -274,7 +277,8 @@ def _eval_config(args, device):
     return EvalConfig(defense=args.defense, attack=args.attack, norm=args.norm, eps=_parse_eps(args.eps),
                       n_images=args.n_images, iterations=args.iterations, eot=args.eot, step_size=args.step_size,
                       votes=args.votes, t_star=args.t_star, solver=args.solver, steps=args.steps, seed=args.seed,
-                      batch_size=args.batch_size, eot_chunk=args.eot_chunk, square_queries=args.square_queries,
+                      batch_size=args.batch_size, eot_chunk=args.eot_chunk,
+                      checkpoint_blocks=args.checkpoint_blocks, square_queries=args.square_queries,
                       sanity=args.sanity, sanity_images=args.sanity_images, sanity_iterations=args.sanity_iterations,
                       classifier=args.classifier or DEFAULT_CLASSIFIER, classifier_arch=args.classifier_arch,
                       model=args.model, device=str(device), guidance_options=_guidance_options(args),

@@ -23,6 +23,39 @@ class TinyEps(nn.Module):
         return self.conv_out(h) + 0.3 * x
 
 
+class TinyBlock(nn.Module):
+    """A time-conditioned residual block that block checkpointing may recompute (float64)."""
+
+    checkpoint_unit = True
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.conv = nn.Conv2d(hidden, hidden, 3, padding=1).double()
+        self.time = nn.Linear(1, hidden).double()
+
+    def forward(self, h, t):
+        return h + torch.tanh(self.conv(h) + self.time(t[:, None].to(h.dtype))[:, :, None, None])
+
+
+class TinyBlockEps(nn.Module):
+    """TinyEps with two checkpoint-unit blocks between its convolutions, one nested in a plain container."""
+
+    def __init__(self, channels=2, hidden=6, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv_in = nn.Conv2d(channels, hidden, 3, padding=1).double()
+        self.blocks = nn.ModuleList([TinyBlock(hidden), nn.ModuleList([TinyBlock(hidden)])])
+        self.conv_out = nn.Conv2d(hidden, channels, 3, padding=1).double()
+        with torch.no_grad():
+            self.conv_in.weight.mul_(4.0)
+        self.requires_grad_(False)
+
+    def forward(self, x, t):
+        h = torch.tanh(self.conv_in(x))
+        h = self.blocks[1][0](self.blocks[0](h, t), t)
+        return self.conv_out(h) + 0.3 * x
+
+
 def images(n=3, seed=1, channels=2, size=4):
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(n, channels, size, size, generator=gen, dtype=torch.float64) * 0.8 + 0.1

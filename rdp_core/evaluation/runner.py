@@ -53,6 +53,7 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 16
     eot_chunk: int = None
+    checkpoint_blocks: bool = False  # the adjoint recomputes the score model's blocks: less memory, +1 forward/step
     square_queries: int = 5000
     sanity: bool = True
     sanity_images: int = 16
@@ -174,8 +175,9 @@ class _Evaluation:
             options = dict(t_star=config.t_star, solver=config.solver, steps=config.steps, generator=self.generator,
                            **_guidance(config, device))
             self.defense = Purifier(classifier, eps_model, grad="none", **options)
-            self.gradient_model = Purifier(classifier, eps_model,
-                                           grad="bpda" if config.attack == "bpda-eot" else "adjoint", **options)
+            grad = "bpda" if config.attack == "bpda-eot" else "adjoint"
+            self.gradient_model = Purifier(classifier, eps_model, grad=grad,
+                                           checkpoint_blocks=config.checkpoint_blocks and grad == "adjoint", **options)
 
     def jobs(self):
         c = self.config

@@ -95,6 +95,8 @@ class Downsample(nn.Module):
 class ResBlock(nn.Module):
     """Residual block with timestep conditioning, optional FiLM (scale-shift) norm and resampling."""
 
+    checkpoint_unit = True  # recomputed, not kept, under the adjoint's block checkpointing
+
     def __init__(self, channels, emb_channels, dropout, out_channels=None, use_scale_shift_norm=False,
                  up=False, down=False):
         super().__init__()
@@ -136,6 +138,8 @@ class ResBlock(nn.Module):
 
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over positions, guided-diffusion's legacy layout (heads, then q/k/v)."""
+
+    checkpoint_unit = True  # recomputed, not kept, under the adjoint's block checkpointing
 
     def __init__(self, channels, num_head_channels):
         super().__init__()

@@ -108,6 +108,8 @@ class NIN(nn.Module):
 class AttnBlockpp(nn.Module):
     """Single-head self-attention over the pixels, head dim = channels, with a rescaled skip."""
 
+    checkpoint_unit = True  # recomputed, not kept, under the adjoint's block checkpointing
+
     def __init__(self, channels, init_scale=0.0):
         super().__init__()
         self.GroupNorm_0 = GroupNormAct(_groups(channels), channels, eps=1e-6, activation=None)  # keys of nn.GroupNorm
@@ -128,6 +130,8 @@ class AttnBlockpp(nn.Module):
 
 class ResnetBlockBigGANpp(nn.Module):
     """Pre-activation residual block with time conditioning; optionally halves or doubles the resolution."""
+
+    checkpoint_unit = True  # recomputed, not kept, under the adjoint's block checkpointing
 
     def __init__(self, in_ch, out_ch=None, temb_dim=None, up=False, down=False, dropout=0.1, init_scale=0.0):
         super().__init__()

@@ -18,15 +18,24 @@ each VJP is autograd's, evaluated at the same states with the same noise as the 
 repeats the forward's arithmetic; kernels that are nondeterministic across runs, such as some GPU atomics,
 would make it exact only up to their own run-to-run rounding).
 
+Block checkpointing (`checkpoint_blocks_of=model`) lowers the rest, one step's graph, at the price of one more
+forward per step: while a step's VJP is taken, every block of the model that declares itself a checkpoint
+unit (a class attribute `checkpoint_unit = True`: the residual and attention blocks of DDPM++ and ADM) keeps
+only its inputs and is recomputed, by torch.utils.checkpoint, when the backward reaches it. The arithmetic is
+the same, so the gradient is too (bit for bit wherever the kernels are deterministic).
+
 Context tensors are inputs that every step reads besides the state, such as the input image that guidance
 compares against: their gradient is accumulated over all steps, so a dependency on them is never dropped.
 The model's weights are not differentiated (attacks need input gradients only; skipping weight gradients is
 where the time saving over torchsde's adjoint comes from); a model with trainable weights gets a warning.
 """
+import contextlib
+import functools
 import math
 import warnings
 
 import torch
+import torch.utils.checkpoint
 from torch.autograd.function import once_differentiable
 
 
@@ -50,12 +59,14 @@ def default_checkpoint_every(num_steps, state_bytes, budget=None):
     return least_memory
 
 
-def checkpointed_solve(step, x, num_steps, context=(), every=None, progress=False):
+def checkpointed_solve(step, x, num_steps, context=(), every=None, progress=False, checkpoint_blocks_of=None):
     """Runs `x <- step(x, i, *context)` for i = 0 .. num_steps - 1; the backward is the checkpointed adjoint.
 
     step: a pure function of the state, the step index and the context tensors (its randomness must be
         replayable, e.g. drawn from a StepNoise); it is called again during the backward.
     every: checkpoint spacing k (default `default_checkpoint_every(num_steps, bytes of x)`).
+    checkpoint_blocks_of: a module `step` calls (the score model) whose checkpoint-unit blocks are recomputed
+        inside each step's VJP instead of kept (see the module docstring); None keeps one step's whole graph.
     Returns the final state; gradients flow to `x` and to every context tensor that requires grad.
     """
     if num_steps < 1:
@@ -63,13 +74,16 @@ def checkpointed_solve(step, x, num_steps, context=(), every=None, progress=Fals
     every = default_checkpoint_every(num_steps, x.numel() * x.element_size()) if every is None else every
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"checkpoint spacing must be a positive integer, got {every!r}")
-    return _CheckpointedSolve.apply(step, num_steps, every, progress, x, *context)
+    backward_scope = contextlib.nullcontext
+    if checkpoint_blocks_of is not None:
+        backward_scope = functools.partial(recomputed_blocks, checkpoint_units(checkpoint_blocks_of))
+    return _CheckpointedSolve.apply(step, num_steps, every, progress, backward_scope, x, *context)
 
 
 class _CheckpointedSolve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, step, num_steps, every, progress, x, *context):
-        ctx.step, ctx.num_steps, ctx.every = step, num_steps, every
+    def forward(ctx, step, num_steps, every, progress, backward_scope, x, *context):
+        ctx.step, ctx.num_steps, ctx.every, ctx.backward_scope = step, num_steps, every, backward_scope
         x, checkpoints = solve_keeping_checkpoints(step, x, num_steps, every, context, progress)
         ctx.save_for_backward(*context, *checkpoints)
         ctx.num_context = len(context)
@@ -80,10 +94,48 @@ class _CheckpointedSolve(torch.autograd.Function):
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
         context, checkpoints = saved[:ctx.num_context], saved[ctx.num_context:]
-        context = [c.detach().requires_grad_(need) for c, need in zip(context, ctx.needs_input_grad[5:])]
-        grad_x, grad_context = adjoint_from_checkpoints(ctx.step, checkpoints, ctx.num_steps, ctx.every, context,
-                                                        grad_out)
-        return (None, None, None, None, grad_x, *grad_context)
+        context = [c.detach().requires_grad_(need) for c, need in zip(context, ctx.needs_input_grad[6:])]
+        with ctx.backward_scope():
+            grad_x, grad_context = adjoint_from_checkpoints(ctx.step, checkpoints, ctx.num_steps, ctx.every,
+                                                            context, grad_out)
+        return (None, None, None, None, None, grad_x, *grad_context)
+
+
+def checkpoint_units(model):
+    """The outermost submodules of `model` whose class sets `checkpoint_unit = True`; a ValueError if none."""
+    units, inside = [], set()
+    for name, module in model.named_modules():
+        if getattr(type(module), "checkpoint_unit", False) and not any(name.startswith(p) for p in inside):
+            units.append(module)
+            inside.add(name + ".")
+    if not units:
+        raise ValueError(f"block checkpointing needs blocks to recompute, and {type(model).__name__} has no "
+                         "submodule whose class sets checkpoint_unit = True (the DDPM++ and ADM blocks do): set it "
+                         "on your model's residual blocks, or leave block checkpointing off")
+    return units
+
+
+@contextlib.contextmanager
+def recomputed_blocks(modules):
+    """While inside, each module's forward keeps only its inputs for the backward and is rerun when the backward
+    reaches it (torch.utils.checkpoint, non-reentrant: it also recomputes under create_graph)."""
+    patched = [module.__dict__.get("forward") for module in modules]  # an instance's own forward, if it has one
+    for module in modules:
+        module.forward = functools.partial(_checkpointed_call, module.forward)
+    try:
+        yield
+    finally:
+        for module, own in zip(modules, patched):
+            if own is None:
+                del module.forward  # back to the class's forward
+            else:
+                module.forward = own
+
+
+def _checkpointed_call(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def solve_keeping_checkpoints(step, x, num_steps, every, context=(), progress=False):

@@ -10,6 +10,7 @@ from rdp_core.data import load_cifar10
 from rdp_core.evaluation import EvalConfig, evaluate
 from rdp_core.evaluation.records import RecordStore
 from rdp_core.models import GaussianEpsModel
+from rdp_core.models.ncsnpp import DDPMppConfig, NCSNpp, ScoreSDEEpsModel
 
 QUICK = dict(iterations=2, eot=2, votes=3, sanity_images=2, sanity_iterations=2, batch_size=3)
 
@@ -74,6 +75,25 @@ def test_resume_skips_what_is_written_and_refuses_another_configuration(resnet20
                  images=x, labels=y, resume=True, progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         evaluate(config, resnet20, out_dir=tmp_path, images=x, labels=y, progress=False)
+
+
+def test_block_checkpointing_changes_no_record_and_may_change_on_resume(resnet20, test_images, tmp_path):
+    torch.manual_seed(0)
+    unet = NCSNpp(DDPMppConfig(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0))
+    model = ScoreSDEEpsModel(unet).eval().requires_grad_(False)
+    x, y = (t[:3] for t in test_images)
+    written = {}
+    for blocks in (False, True):
+        config = EvalConfig(defense="diffpure", n_images=2, t_star=0.05, steps=3, checkpoint_blocks=blocks, **QUICK)
+        evaluate(config, resnet20, model, tmp_path / str(blocks), images=x, labels=y, progress=False)
+        written[blocks] = [{k: v for k, v in r.items() if k != "seconds"} for r in records(tmp_path / str(blocks))]
+    assert written[True] == written[False]  # the same gradients, so the same adversarial examples and votes
+    config = EvalConfig(defense="diffpure", n_images=3, t_star=0.05, steps=3, **QUICK)
+    evaluate(config, resnet20, model, tmp_path / "True", images=x, labels=y, resume=True, progress=False)
+    blockless = GaussianEpsModel.fit(torch.rand(64, 3, 32, 32) * 2 - 1)
+    with pytest.raises(ValueError, match="checkpoint_unit"):
+        evaluate(EvalConfig(defense="diffpure", n_images=3, checkpoint_blocks=True, **QUICK), resnet20, blockless,
+                 tmp_path / "gaussian", images=x, labels=y, progress=False)
 
 
 @pytest.mark.parametrize("kwargs, message", [

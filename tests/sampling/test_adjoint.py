@@ -6,10 +6,12 @@ import torch
 from torch import nn
 
 import rdp_core
+from rdp_core._backend import peak_cpu_tensor_bytes
+from rdp_core.models.ncsnpp import DDPMppConfig, NCSNpp, ScoreSDEEpsModel
 from rdp_core.sampling import SOLVERS, StepNoise, make_solver
 from rdp_core.sampling import adjoint
 from rdp_core.sampling.adjoint import checkpointed_solve, default_checkpoint_every, sqrt_checkpoint_every
-from tiny_models import TinyEps, assert_relative_close, images, input_gradient
+from tiny_models import TinyBlock, TinyBlockEps, TinyEps, assert_relative_close, images, input_gradient
 
 
 SOLVER_RUNS = [("sde", 0.05, 9), ("ode", 0.05, 9), ("ode-heun", 0.05, 9), ("ddpm", 0.03, 11), ("ddim", 0.03, 11)]
@@ -165,6 +167,64 @@ def test_backward_holds_one_segment_of_states_at_a_time(monkeypatch):
     rdp_core.purify(x, 0.1, model=TinyEps(), steps=50, grad="adjoint").sum().backward()
     every = sqrt_checkpoint_every(50)
     assert max(lengths) == every and sum(lengths) == 50 and len(lengths) == math.ceil(50 / every)
+
+
+@pytest.mark.parametrize("solver, t_star, steps", SOLVER_RUNS)
+def test_block_checkpointing_keeps_the_exact_gradient(solver, t_star, steps):
+    x, model = images(), TinyBlockEps()
+    weights = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    args = dict(t_star=t_star, model=model, solver=solver, steps=steps, clip=False)
+    _, grad_autograd = input_gradient(x, weights, grad="autograd", **args)
+    _, grad_adjoint = input_gradient(x, weights, grad="adjoint", **args)
+    out, grad_blocks = input_gradient(x, weights, grad="adjoint", checkpoint_blocks=True, **args)
+    assert_relative_close(grad_blocks, grad_autograd, 1e-10)
+    assert torch.equal(grad_blocks, grad_adjoint)  # the same arithmetic, recomputed
+    assert all("forward" not in block.__dict__ for block in model.modules())  # the class forwards are back
+
+
+def test_block_checkpointing_recomputes_every_block_in_each_step_vjp(monkeypatch):
+    calls = 0
+    block_forward = TinyBlock.forward
+
+    def counted(self, h, t):
+        nonlocal calls
+        calls += 1
+        return block_forward(self, h, t)
+
+    monkeypatch.setattr(TinyBlock, "forward", counted)
+    for checkpoint_blocks, per_vjp in ((False, 1), (True, 2)):
+        calls = 0
+        x = images().requires_grad_(True)
+        rdp_core.purify(x, 0.1, model=TinyBlockEps(), steps=10, checkpoint_blocks=checkpoint_blocks).sum().backward()
+        assert calls == 2 * 10 + 2 * 10 * per_vjp  # 2 blocks: the forward's steps, then each step's VJP
+
+
+def test_block_checkpointing_cuts_the_backward_peak_memory_of_ddpmpp():
+    torch.manual_seed(0)
+    config = DDPMppConfig(nf=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(8,), image_size=16)
+    model = ScoreSDEEpsModel(NCSNpp(config)).eval().requires_grad_(False)
+    x = torch.rand(2, 3, 16, 16)
+
+    def gradient(**options):
+        leaf = x.clone().requires_grad_(True)
+        out = rdp_core.purify(leaf, 0.05, model=model, steps=3, generator=torch.Generator().manual_seed(1), **options)
+        return torch.autograd.grad(out.sum(), leaf)[0]
+
+    gradient()  # lazily packed weights and caches are not the gradient's
+    peaks = {blocks: peak_cpu_tensor_bytes(lambda: gradient(checkpoint_blocks=blocks)) for blocks in (False, True)}
+    assert peaks[True] < 0.5 * peaks[False], peaks
+
+
+def test_block_checkpointing_is_explained_where_it_cannot_run():
+    x = images().requires_grad_(True)
+    with pytest.raises(ValueError, match="checkpoint_unit = True"):
+        rdp_core.purify(x, 0.05, model=TinyEps(), steps=3, checkpoint_blocks=True)
+    with pytest.raises(ValueError, match="needs grad='adjoint'"):
+        rdp_core.purify(x, 0.05, model=TinyBlockEps(), steps=3, grad="autograd", checkpoint_blocks=True)
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        rdp_core.Purifier(nn.Identity(), TinyBlockEps(), steps=3, graphs=True, checkpoint_blocks=True)
+    with pytest.raises(ValueError, match="True or False"):
+        rdp_core.purify(x, 0.05, model=TinyBlockEps(), steps=3, checkpoint_blocks="yes")
 
 
 def test_grad_modes():
