@@ -2,13 +2,19 @@
 # The GPU checks of the kernels and adjoint issues in one device call: the kernel and whole-model tests on
 # CUDA, then the GPU benchmarks, each step under its own time limit so one slow step cannot eat the lease.
 #   bash bench/gpu_check.sh        (logs and pytest-benchmark JSON go to $OUT)
-#   STEPS="gn attn" bash bench/gpu_check.sh   (a subset; steps: tests graphs repeat profile gn attn grad purify, or a bench
-#   name like model)
+#   STEPS="gn attn" bash bench/gpu_check.sh   (a subset; steps: tests graphs repeat profile gn attn grad purify
+#   precision, or a bench name like model)
 # Next session, in this order (the open questions first): BUDGET=560 STEPS="tests grad gn attn"
 #   GRAD_PROVIDERS="no-grad-purify rdp-adjoint rdp-adjoint-blocks rdp-adjoint-graphed" bash bench/gpu_check.sh,
 #   with .whl carried (the kernel and graph tests by name; the adjoint with its every-state default, with block
 #   checkpointing against the 3x memory target, and graphed; the kernels' graph timings)
 #   STEPS=grad GRAD_PROVIDERS="rdp-adjoint torchsde-adjoint" bash bench/gpu_check.sh   (some gradient providers)
+#   STEPS=precision bash bench/gpu_check.sh, with .gpu_data carried too: what bf16 changes in the purified
+#   images and the ResNet-56's predictions against fp32 with the same noise (issue 8's accuracy effect).
+# The CIFAR-10 test batch and the classifiers are not on the lent machines either: copy them into the
+# git-ignored .gpu_data/ (34 MiB) with
+#   mkdir -p .gpu_data/cifar-10-batches-py && cp ../shared/data/cifar-10-batches-py/test_batch .gpu_data/cifar-10-batches-py/ \
+#     && cp -r ../shared/data/classifiers .gpu_data/
 # torchsde is not on the lent machines: carry its wheels, fetched here into the git-ignored .whl/ with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl torchsde==0.2.6 trampoline==0.1.2
 # Durations seen on an H200 (2026-11-27): gn about 75 s without torch.compile and 70 s more for its fp16
@@ -72,6 +78,8 @@ for s in $STEPS; do case $s in
              --providers rdp,torch-eager,torch-eager-channels-last ;;
   # Eager AGDM against itself beside graphed against eager: reads the graph tests' AGDM failures.
   repeat) step 90 python3 bench/gpu/agdm_repeatability.py ;;
+  precision) step 200 python3 -m rdp_core.cli purify --data "${GPU_DATA:-.gpu_data}" --device cuda \
+               --n-images "${PRECISION_IMAGES:-2000}" --batch-size 250 --precision bf16 --out "$OUT/purify-bf16" ;;
   gn) step 150 "${BENCH[@]}" bench/bench_group_norm_silu.py -k gpu \
         --benchmark-warmup=on --benchmark-max-time=0.25 --benchmark-json="$OUT/bench-gn.json" ;;
   attn) step 120 "${BENCH[@]}" bench/bench_attention.py -k gpu \
