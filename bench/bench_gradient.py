@@ -17,6 +17,9 @@ Providers, side by side on one model, batch and loss:
   the inputs of the score model's blocks and recomputes them (one more forward per step, for peak memory).
 - rdp-adjoint-graphed (GPU only): the same adjoint replayed from CUDA graphs (`graphs=True`), timed after
   one untimed call that captures them.
+- rdp-adjoint-bf16, rdp-adjoint-graphed-bf16 (GPU only): the adjoint, eager and graphed, with the score model
+  in bf16 (`precision="bf16"`: autocast convolutions and matmuls, float32 state). The exact gradient of the
+  bf16 purification, which is not the float32 one: compare with torchsde in float32 knowing that.
 - no-grad-purify: the purification alone under no_grad, the memory reference for the others.
 
 Models: on the CPU the default model's size (DDPM++ nf 32, 1.26M parameters) at batch 4; on a GPU the DDPM++
@@ -46,7 +49,11 @@ from diffpure_sde import torchsde_purify
 T_STAR = 0.1
 STEPS = make_solver("sde", T_STAR).num_steps  # 100: the solver's default grid at this t*
 PROVIDERS = ["torchsde-adjoint", "autograd", "checkpoint-per-step", "rdp-adjoint", "rdp-adjoint-sqrt-k",
-             "rdp-adjoint-blocks", "rdp-adjoint-graphed", "no-grad-purify"]
+             "rdp-adjoint-blocks", "rdp-adjoint-graphed", "rdp-adjoint-bf16", "rdp-adjoint-graphed-bf16",
+             "no-grad-purify"]
+GPU_ONLY = {"rdp-adjoint-graphed": "CUDA graphs need a CUDA device",
+            "rdp-adjoint-bf16": "bf16 autocast is the GPU's fast path, not the CPU's",
+            "rdp-adjoint-graphed-bf16": "CUDA graphs need a CUDA device"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,6 +121,8 @@ RUNS = {
     "rdp-adjoint-sqrt-k": _rdp("adjoint", checkpoint_every=sqrt_checkpoint_every(STEPS)),
     "rdp-adjoint-blocks": _rdp("adjoint", checkpoint_blocks=True),
     "rdp-adjoint-graphed": _rdp("adjoint", graphs=True),
+    "rdp-adjoint-bf16": _rdp("adjoint", precision="bf16"),
+    "rdp-adjoint-graphed-bf16": _rdp("adjoint", graphs=True, precision="bf16"),
     "no-grad-purify": _no_grad_purify,
 }
 
@@ -127,14 +136,14 @@ def _devices():
 def test_input_gradient_through_purification(timed, benchmark, device, provider):
     if provider == "torchsde-adjoint":
         pytest.importorskip("torchsde", reason="pip install torchsde to compare with DiffPure's adjoint")
-    if provider == "rdp-adjoint-graphed" and device == "cpu":
-        pytest.skip("CUDA graphs need a CUDA device")
+    if provider in GPU_ONLY and device == "cpu":
+        pytest.skip(GPU_ONLY[provider])
     model, classifier, x, y = _setup(device)
     device = torch.device(device)
     benchmark.group = f"gradient-t0.1-sde100-{device.type}-batch{x.shape[0]}"
     run = functools.partial(RUNS[provider], model, classifier, x, y)
     try:
-        if provider == "rdp-adjoint-graphed":
+        if "graphed" in provider:
             run()  # captures the graphs: a one-off cost, not part of a gradient
         if device.type == "cuda":  # the allocator's peak over the timed runs: no extra run of 10-30 s
             with cuda_peak_memory(benchmark):

@@ -5,7 +5,8 @@
 #   STEPS="gn attn" bash bench/gpu_check.sh   (a subset; steps: tests graphs repeat profile gn attn grad purify
 #   precision, or a bench name like model)
 # Next session, in this order (the open questions first): BUDGET=560 STEPS="tests grad gn attn"
-#   GRAD_PROVIDERS="no-grad-purify rdp-adjoint rdp-adjoint-blocks rdp-adjoint-graphed" bash bench/gpu_check.sh,
+#   GRAD_PROVIDERS="no-grad-purify rdp-adjoint rdp-adjoint-blocks rdp-adjoint-graphed rdp-adjoint-graphed-bf16"
+#   bash bench/gpu_check.sh,
 #   with .whl carried (the kernel and graph tests by name; the adjoint with its every-state default, with block
 #   checkpointing against the 3x memory target, and graphed; the kernels' graph timings)
 #   STEPS=grad GRAD_PROVIDERS="rdp-adjoint torchsde-adjoint" bash bench/gpu_check.sh   (some gradient providers)
