@@ -12,6 +12,8 @@ and 64 on a GPU. Providers, side by side, each on its own copy of one model:
   model in rdp_core.models.engine_layout (channels-last on the CPU), as the default model is loaded.
 - rdp-bf16 (CPU): the same under bfloat16 autocast, what purify(..., precision="bf16") runs; a different
   (less precise) result, so not a substitute for the float32 rows.
+- rdp-channels-last (GPU only): rdp with the model in channels-last memory, which the GPU's engine_layout
+  does not choose yet: cuDNN's NHWC convolutions and the Triton norms reading NHWC in place.
 - torch-compile (GPU only): torch.compile of the torch-eager model, the alternative a GPU user would pick.
 
 extra_info holds the images per second.
@@ -27,8 +29,8 @@ from rdp_core.models.layout import engine_layout
 from rdp_core.models.ncsnpp import CIFAR10_DDPMPP, NCSNpp
 
 CPU_BATCH, GPU_BATCH = 8, 64
-PROVIDERS = ["torch-eager", "torch-eager-channels-last", "rdp", "rdp-bf16", "torch-compile"]
-CPU_ONLY, GPU_ONLY = ("torch-eager-channels-last", "rdp-bf16"), ("torch-compile",)
+PROVIDERS = ["torch-eager", "torch-eager-channels-last", "rdp", "rdp-bf16", "rdp-channels-last", "torch-compile"]
+CPU_ONLY, GPU_ONLY = ("torch-eager-channels-last", "rdp-bf16"), ("rdp-channels-last", "torch-compile")
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,7 +48,7 @@ def _provider_model(device, provider):
         return _model(device)
     if provider == "torch-compile":
         return torch.compile(_model(device))
-    if provider == "torch-eager-channels-last":
+    if provider in ("torch-eager-channels-last", "rdp-channels-last"):
         return copy.deepcopy(_model(device)).to(memory_format=torch.channels_last)
     return engine_layout(copy.deepcopy(_model(device)))  # rdp, rdp-bf16
 
@@ -59,9 +61,10 @@ def _devices():
 @pytest.mark.parametrize("device", _devices())
 def test_ddpmpp_cifar10_forward(timed, benchmark, monkeypatch, device, provider):
     if provider in GPU_ONLY and device == "cpu":
-        pytest.skip("torch.compile is compared on the GPU only (its CPU inductor build takes minutes here)")
+        pytest.skip("torch.compile is compared on the GPU only (its CPU inductor build takes minutes here)"
+                    if provider == "torch-compile" else "on the CPU the rdp row is already channels-last")
     if provider in CPU_ONLY and device != "cpu":
-        pytest.skip("a CPU-only provider (the GPU rows are torch-eager, rdp and torch-compile)")
+        pytest.skip("a CPU-only provider (the GPU rows are torch-eager, rdp, rdp-channels-last and torch-compile)")
     if not provider.startswith("rdp"):
         monkeypatch.setenv("RDP_CORE_BACKEND", "torch")
     device = torch.device(device)

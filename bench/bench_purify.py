@@ -10,6 +10,8 @@ Providers, on one model object and one batch of images:
 - rdp-graphed-fp32: the same, replayed as a CUDA graph (rdp_core.sampling.graphs).
 - rdp-graphed-tf32: graphed, TF32 allowed in convolutions and matmuls.
 - rdp-graphed-bf16: graphed, `precision="bf16"` (model under autocast, sampler state in float32).
+- rdp-graphed-bf16-cl (GPU): the same with the model's weights, and so its activations, in channels-last
+  memory: cuDNN's convolutions without their NCHW<->NHWC transposes, the Triton norms reading NHWC in place.
 
 GPU (skipped without CUDA): the DDPM++ CIFAR-10 config (61.8M parameters, random weights: the time does
 not depend on them) at batch 1, 64 and 256. CPU (always): the default model's size at batch 4, torchsde
@@ -18,6 +20,7 @@ torch.utils.flop_counter) and, on a GPU, the achieved model TFLOP/s and its frac
 matmul ceiling.
 """
 import contextlib
+import copy
 import functools
 import os
 from unittest import mock
@@ -32,7 +35,8 @@ from rdp_core.models.ncsnpp import CIFAR10_DDPMPP, NCSNpp, ScoreSDEEpsModel
 from rdp_core.train import CPU_MODEL
 
 T_STAR, STEPS = 0.1, 100
-GPU_PROVIDERS = ["torchsde-fp32", "rdp-eager-fp32", "rdp-graphed-fp32", "rdp-graphed-tf32", "rdp-graphed-bf16"]
+GPU_PROVIDERS = ["torchsde-fp32", "rdp-eager-fp32", "rdp-graphed-fp32", "rdp-graphed-tf32", "rdp-graphed-bf16",
+                 "rdp-graphed-bf16-cl"]
 CPU_PROVIDERS = ["torchsde-fp32", "rdp-eager-fp32"]
 
 
@@ -44,6 +48,12 @@ def _model(device):
         for p in net.parameters():  # score_sde zero-initialises each block's last conv: make every layer count
             p.add_(torch.randn_like(p) * 0.02)
     return ScoreSDEEpsModel(net).eval().requires_grad_(False).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _channels_last_model(device):
+    """_model(device) in channels-last memory, as a separate object (CUDA graphs are cached per model)."""
+    return copy.deepcopy(_model(device)).to(memory_format=torch.channels_last)
 
 
 @contextlib.contextmanager
@@ -61,8 +71,8 @@ def _runner(provider, model, x):
         torchsde = pytest.importorskip("torchsde", reason="pip install torchsde to compare with DiffPure's sampler")
         return lambda: torchsde_purify(torchsde, model, x, T_STAR)
     graphs = None if x.is_cuda and "graphed" in provider else False
-    precision = "bf16" if provider.endswith("bf16") else "fp32"
-    tf32 = provider.endswith(("tf32", "bf16"))
+    precision = "bf16" if "bf16" in provider else "fp32"
+    tf32 = provider.endswith(("tf32", "bf16", "bf16-cl"))
 
     def run():
         with _tf32(tf32) if x.is_cuda else contextlib.nullcontext():
@@ -103,7 +113,7 @@ def _bf16_matmul_tflops(device):
 def _bench(timed, benchmark, device, provider, batch):
     device = torch.device(device)
     benchmark.group = f"purify-t0.1-sde{STEPS}-{device.type}-batch{batch}"
-    model = _model(str(device))
+    model = (_channels_last_model if provider.endswith("-cl") else _model)(str(device))
     x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     run = _runner(provider, model, x)
     run()  # warm-up: graph capture, Triton autotuning, cuDNN algorithm choice

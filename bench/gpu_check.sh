@@ -76,7 +76,7 @@ for s in $STEPS; do case $s in
   # Where a bf16 forward at batch 64 spends its GPU time, per kind of op and per kernel, NCHW against
   # channels-last cuDNN: reads why the bf16 purification reaches 17% of the matmul ceiling.
   profile) step 90 python3 bench/profile_model.py --device cuda --batch 64 --precision bf16 --top 15 \
-             --providers rdp,torch-eager,torch-eager-channels-last ;;
+             --providers rdp,rdp-channels-last,torch-eager,torch-eager-channels-last ;;
   # Eager AGDM against itself beside graphed against eager: reads the graph tests' AGDM failures.
   repeat) step 90 python3 bench/gpu/agdm_repeatability.py ;;
   precision) step 200 python3 -m rdp_core.cli purify --data "${GPU_DATA:-.gpu_data}" --device cuda \

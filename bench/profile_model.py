@@ -4,7 +4,8 @@
         [--providers torch-eager,rdp] [--top 0]
 
 The models of bench/bench_model.py (score_sde's config, random weights, eval, no gradients), profiled
-once per provider (torch-eager in NCHW, torch-eager-channels-last, rdp in the engine's layout) after a
+once per provider (torch-eager in NCHW, torch-eager-channels-last, rdp in the engine's layout,
+rdp-channels-last) after a
 warm-up, in float32 or under bf16 autocast (what purify(..., precision="bf16") runs). It says how much of a
 forward each kind of op takes and, with --top K, the K kernels that take the most time, by name. Last, it
 prints how far each provider's output is from the first one's (the Winograd convolutions round differently
@@ -84,10 +85,11 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--providers", default="torch-eager,rdp",
-                        help="comma-separated, from torch-eager, torch-eager-channels-last, rdp")
+                        help="comma-separated, from torch-eager, torch-eager-channels-last, rdp, rdp-channels-last")
     parser.add_argument("--top", type=int, default=0, help="also list the K most expensive kernels (ops on the CPU)")
     args = parser.parse_args()
-    backends = {"torch-eager": "torch", "torch-eager-channels-last": "torch", "rdp": "auto"}
+    backends = {"torch-eager": "torch", "torch-eager-channels-last": "torch", "rdp": "auto",
+                "rdp-channels-last": "auto"}
     providers = args.providers.split(",")
     unknown = sorted(set(providers) - set(backends))
     if unknown:

@@ -8,6 +8,13 @@ tiles, so a group of any size (512 channels / 32 groups at 64x64 = 65536 element
 any spatial size. Statistics are float32 whatever the input dtype, two-pass (mean, then E[(x - mean)^2]);
 the first pass sums x - x[0] so a large common offset does not eat the float32 mantissa.
 
+Layouts: contiguous NCHW, or a 4-D tensor in channels-last memory (NHWC), read and written in place (the
+result keeps the input's layout): a channels-last model on the GPU, where cuDNN's convolutions want NHWC,
+then pays no layout copy per norm. The kernels take the element strides of a channel and of a position
+(HW and 1 for NCHW, 1 and C for NHWC); a stride of 1 is specialised by Triton, so each layout gets its own
+contiguous loads. In NHWC one group's row is only its channels (4 to 16 at DDPM++'s widths), so its loads
+are short; whether that costs bandwidth against NCHW is for bench_group_norm_silu's channels-last rows.
+
 Plain launchers only: the autograd.Function lives in rdp_core.ops.group_norm_silu.
 """
 import torch
@@ -20,12 +27,19 @@ _MAX_BLOCK_HW = 1024
 
 
 @triton.jit
-def _tile_offsets(c0, h0, CPG, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """Channel indices (within the group), element offsets (within the group) and the mask of one tile."""
+def _tile_offsets(c0, h0, CPG, HW, STRIDE_C, STRIDE_P, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Channel indices (within the group), element offsets (from the group's first element) and the mask of
+    one tile."""
     c = c0 + tl.arange(0, BLOCK_C)
     h = h0 + tl.arange(0, BLOCK_HW)
     mask = (c < CPG)[:, None] & (h < HW)[None, :]
-    return c, c[:, None] * HW + h[None, :], mask
+    return c, c[:, None] * STRIDE_C + h[None, :] * STRIDE_P, mask
+
+
+@triton.jit
+def _group_base(pid, G, C, HW, CPG, STRIDE_C):
+    """Offset of the first element of group pid = sample * G + group (int64: large batches overflow int32)."""
+    return (pid // G).to(tl.int64) * C * HW + (pid % G).to(tl.int64) * CPG * STRIDE_C
 
 
 @triton.jit
@@ -48,25 +62,25 @@ def _channel_affine(W, B, SCALE, SHIFT, channel, film_row, c_mask, HAS_WEIGHT: t
 
 
 @triton.jit
-def _group_norm_act_fwd_kernel(X, W, B, SCALE, SHIFT, Y, MEAN, RSTD, C, HW, G, CPG, eps,
+def _group_norm_act_fwd_kernel(X, W, B, SCALE, SHIFT, Y, MEAN, RSTD, C, HW, G, CPG, STRIDE_C, STRIDE_P, eps,
                                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                                HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
                                BLOCK_HW: tl.constexpr):
     pid = tl.program_id(0)  # sample * G + group
     count = CPG * HW
-    base = pid.to(tl.int64) * count
+    base = _group_base(pid, G, C, HW, CPG, STRIDE_C)
     pivot = tl.load(X + base).to(tl.float32)
     acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
     for c0 in range(0, CPG, BLOCK_C):
         for h0 in range(0, HW, BLOCK_HW):
-            _, offs, mask = _tile_offsets(c0, h0, CPG, HW, BLOCK_C, BLOCK_HW)
+            _, offs, mask = _tile_offsets(c0, h0, CPG, HW, STRIDE_C, STRIDE_P, BLOCK_C, BLOCK_HW)
             x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
             acc += tl.where(mask, x - pivot, 0.0)
     mean = pivot + tl.sum(tl.sum(acc, axis=1), axis=0) / count
     acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
     for c0 in range(0, CPG, BLOCK_C):
         for h0 in range(0, HW, BLOCK_HW):
-            _, offs, mask = _tile_offsets(c0, h0, CPG, HW, BLOCK_C, BLOCK_HW)
+            _, offs, mask = _tile_offsets(c0, h0, CPG, HW, STRIDE_C, STRIDE_P, BLOCK_C, BLOCK_HW)
             x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
             d = tl.where(mask, x - mean, 0.0)
             acc += d * d
@@ -77,7 +91,7 @@ def _group_norm_act_fwd_kernel(X, W, B, SCALE, SHIFT, Y, MEAN, RSTD, C, HW, G, C
     film_row = (pid // G) * C
     for c0 in range(0, CPG, BLOCK_C):
         for h0 in range(0, HW, BLOCK_HW):
-            c, offs, mask = _tile_offsets(c0, h0, CPG, HW, BLOCK_C, BLOCK_HW)
+            c, offs, mask = _tile_offsets(c0, h0, CPG, HW, STRIDE_C, STRIDE_P, BLOCK_C, BLOCK_HW)
             alpha, beta = _channel_affine(W, B, SCALE, SHIFT, first_channel + c, film_row, c < CPG, HAS_WEIGHT,
                                           HAS_BIAS, HAS_SCALE, HAS_SHIFT)
             x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -102,12 +116,13 @@ def _dz_tile(X, DY, base, offs, mask, mean, rstd, alpha, beta, SILU: tl.constexp
 
 @triton.jit
 def _group_norm_act_bwd_kernel(X, W, B, SCALE, SHIFT, MEAN, RSTD, DY, DX, SUM_DZ, SUM_DZ_XHAT, C, HW, G, CPG,
+                               STRIDE_C, STRIDE_P,
                                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                                HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, STORE_SUMS: tl.constexpr,
                                BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     pid = tl.program_id(0)
     count = CPG * HW
-    base = pid.to(tl.int64) * count
+    base = _group_base(pid, G, C, HW, CPG, STRIDE_C)
     mean = tl.load(MEAN + pid)
     rstd = tl.load(RSTD + pid)
     first_channel = (pid % G) * CPG
@@ -123,7 +138,7 @@ def _group_norm_act_bwd_kernel(X, W, B, SCALE, SHIFT, MEAN, RSTD, DY, DX, SUM_DZ
         sum_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
         sum_dz_xhat = tl.zeros([BLOCK_C], dtype=tl.float32)
         for h0 in range(0, HW, BLOCK_HW):
-            _, offs, mask = _tile_offsets(c0, h0, CPG, HW, BLOCK_C, BLOCK_HW)
+            _, offs, mask = _tile_offsets(c0, h0, CPG, HW, STRIDE_C, STRIDE_P, BLOCK_C, BLOCK_HW)
             x_hat, dz = _dz_tile(X, DY, base, offs, mask, mean, rstd, alpha, beta, SILU)
             sum_dz += tl.sum(dz, axis=1)
             sum_dz_xhat += tl.sum(dz * x_hat, axis=1)
@@ -141,7 +156,7 @@ def _group_norm_act_bwd_kernel(X, W, B, SCALE, SHIFT, MEAN, RSTD, DY, DX, SUM_DZ
         alpha, beta = _channel_affine(W, B, SCALE, SHIFT, first_channel + c, film_row, c < CPG, HAS_WEIGHT,
                                       HAS_BIAS, HAS_SCALE, HAS_SHIFT)
         for h0 in range(0, HW, BLOCK_HW):
-            _, offs, mask = _tile_offsets(c0, h0, CPG, HW, BLOCK_C, BLOCK_HW)
+            _, offs, mask = _tile_offsets(c0, h0, CPG, HW, STRIDE_C, STRIDE_P, BLOCK_C, BLOCK_HW)
             x_hat, dz = _dz_tile(X, DY, base, offs, mask, mean, rstd, alpha, beta, SILU)
             dx = rstd * (dz * alpha[:, None] - mean_dxhat - x_hat * mean_dxhat_xhat)
             tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
@@ -163,21 +178,38 @@ def _contiguous(t):
     return None if t is None else t.contiguous()
 
 
+def _channels_last(x):
+    """Whether x is a 4-D tensor stored channels-last (and not also plain contiguous, as when H = W = 1)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _in_kernel_layout(x, like=None):
+    """x as the kernels read it: channels-last kept when `like` (default x) is channels-last, else NCHW."""
+    channels_last = _channels_last(x if like is None else like)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _strides(x):
+    """(STRIDE_C, STRIDE_P): element strides of a channel and of a spatial position in x's layout."""
+    return (1, x.shape[1]) if _channels_last(x) else (x[0, 0].numel(), 1)
+
+
 def group_norm_act_fwd(x, num_groups, weight=None, bias=None, scale=None, shift=None, eps=1e-5, silu=True):
     """(y, mean, rstd) for x (N, C, *spatial); weight, bias (C,) and scale, shift (N, C) may be None.
 
-    y has x's dtype and shape (contiguous); mean and rstd are float32 of shape (N * num_groups,).
+    y has x's dtype and shape, in x's layout (channels-last kept, anything else made contiguous NCHW); mean
+    and rstd are float32 of shape (N * num_groups,).
     """
-    x = x.contiguous()
+    x = _in_kernel_layout(x)
     n, c, spatial, cpg = _sizes(x, num_groups)
     weight, bias, scale, shift = map(_contiguous, (weight, bias, scale, shift))
-    y = torch.empty_like(x)
+    y = torch.empty_like(x)  # keeps x's layout
     mean = torch.empty(n * num_groups, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     block_c, block_hw, num_warps = _blocks(cpg, spatial)
     _group_norm_act_fwd_kernel[(n * num_groups,)](
         x, _or(weight, x), _or(bias, x), _or(scale, x), _or(shift, x), y, mean, rstd, c, spatial, num_groups, cpg,
-        eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+        *_strides(x), eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None, SILU=silu, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
     )
     return y, mean, rstd
@@ -190,7 +222,8 @@ def group_norm_act_bwd(grad_y, x, num_groups, mean, rstd, weight=None, bias=None
     `needs` says which of weight, bias, scale, shift want a gradient; the others come back as None and, when
     none is wanted, the per-channel sums they derive from are not even stored.
     """
-    x, grad_y = x.contiguous(), grad_y.contiguous()
+    x = _in_kernel_layout(x)
+    grad_y = _in_kernel_layout(grad_y, like=x)
     n, c, spatial, cpg = _sizes(x, num_groups)
     weight, bias, scale, shift = map(_contiguous, (weight, bias, scale, shift))
     grad_x = torch.empty_like(x)
@@ -199,7 +232,7 @@ def group_norm_act_bwd(grad_y, x, num_groups, mean, rstd, weight=None, bias=None
     block_c, block_hw, num_warps = _blocks(cpg, spatial)
     _group_norm_act_bwd_kernel[(n * num_groups,)](
         x, _or(weight, x), _or(bias, x), _or(scale, x), _or(shift, x), mean, rstd, grad_y, grad_x, sums[0], sums[1],
-        c, spatial, num_groups, cpg, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        c, spatial, num_groups, cpg, *_strides(x), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=silu, STORE_SUMS=store_sums,
         BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
     )

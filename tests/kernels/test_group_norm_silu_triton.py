@@ -73,6 +73,25 @@ def test_launchers_match_the_reference(shape, groups, activation, with_film):
             torch.testing.assert_close(a.double(), exact, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("shape, groups", [((2, 8, 5, 7), 4), ((1, 12, 4, 4), 3)], ids=["5x7", "C/G=4"])
+def test_channels_last_is_read_and_written_in_place(shape, groups):
+    # What a channels-last model hands the norm on the GPU: NHWC memory, and grad_y in either layout.
+    tensors = make(shape, seed=sum(shape) + 1)
+    x = tensors[0].contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    y, mean, rstd = K.group_norm_act_fwd(x, groups, *tensors[1:])
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    torch.testing.assert_close(y.double(), reference(tensors, groups, "silu"), atol=3e-6, rtol=1e-5)
+    grad_y = torch.randn(shape).to(DEVICE)
+    exact = reference_grads(tensors, groups, "silu", grad_y)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        grads = K.group_norm_act_bwd(grad_y.contiguous(memory_format=layout), x, groups, mean, rstd, *tensors[1:],
+                                     needs=(True,) * 4)
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+        for name, a, e in zip(("x",) + PARAMS, grads, exact):
+            torch.testing.assert_close(a.double(), e, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
+
+
 def test_backward_launcher_computes_only_the_gradients_asked_for():
     tensors = make((1, 4, 3, 3), seed=3)
     grad_y = torch.randn(1, 4, 3, 3).to(DEVICE)

@@ -63,3 +63,21 @@ def test_adjoint_gradient_on_the_gpu_is_the_unrolled_gradient(exact_float32):
     # bf16: the exact gradient of the bf16 purification (equal on the CPU; here up to cuDNN's atomics, in bf16)
     assert _relative(gradient("adjoint", precision="bf16"), gradient("autograd", precision="bf16")) < 1e-3
 
+
+
+def test_a_channels_last_model_computes_what_the_nchw_model_does(exact_float32):
+    # The Triton norms read NHWC in place and the attention its strided views: the layout changes no value
+    # beyond cuDNN's choice of algorithm, forward or gradient.
+    model = _model()
+    channels_last = _model().to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(4)
+    x, w = torch.rand(4, 3, 32, 32, generator=gen).cuda(), torch.randn(4, 3, 32, 32, generator=gen).cuda()
+
+    def gradient(eps_model):
+        leaf = x.clone().requires_grad_()
+        out = rdp_core.purify(leaf, 0.05, model=eps_model, steps=10, clip=False,
+                              generator=torch.Generator().manual_seed(5))
+        return out, torch.autograd.grad((out * w).sum(), leaf)[0]
+
+    (out, grad), (out_cl, grad_cl) = gradient(model), gradient(channels_last)
+    assert _relative(out_cl, out) < 1e-5 and _relative(grad_cl, grad) < 1e-5
