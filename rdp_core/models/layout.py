@@ -2,8 +2,9 @@
 
 On the CPU that is channels-last (NHWC): oneDNN runs convolutions on NHWC data natively, where NCHW costs a
 reorder of every activation into and out of each convolution, and the fused C++ group norms and the
-attention read NHWC in place. On a GPU it is plain NCHW, the layout the Triton kernels read (they copy
-anything else). A convolution's output takes its weight's layout, so converting the weights once is enough:
+attention read NHWC in place. On a GPU it is plain NCHW for now: the Triton norms and attention read NHWC
+in place too, and cuDNN's convolutions would lose their layout transposes, but whether channels-last is
+faster there is unmeasured (bench_model's and bench_purify's channels-last GPU rows will say). A convolution's output takes its weight's layout, so converting the weights once is enough:
 activations follow, and outputs stay correct in either layout.
 """
 import torch
