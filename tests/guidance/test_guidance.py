@@ -46,6 +46,7 @@ def test_guided_adjoint_equals_unrolled_autograd_in_float64(name, solver, t_star
     assert_relative_close(grad_adjoint, grad_autograd, 1e-10)
 
 
+@pytest.mark.filterwarnings("ignore:checkpoint_blocks=True with guidance on x0_hat saves little")
 @pytest.mark.parametrize("solver, t_star, steps", [("sde", 0.05, 6), ("ddim", 0.03, 5)])
 @pytest.mark.parametrize("name", ["gdmp-ssim-x0", "agdm-x0"])
 def test_guided_adjoint_with_block_checkpointing_equals_unrolled_autograd(name, solver, t_star, steps):
@@ -57,6 +58,13 @@ def test_guided_adjoint_with_block_checkpointing_equals_unrolled_autograd(name, 
     _, grad_blocks = input_gradient(x, weights, grad="adjoint", checkpoint_blocks=True, guidance=GUIDANCES[name](),
                                     **args)
     assert_relative_close(grad_blocks, grad_autograd, 1e-10)
+
+
+def test_block_checkpointing_with_guidance_through_the_score_model_is_warned_about():
+    x = rgb_images().requires_grad_(True)
+    model = TinyBlockEps(channels=3)
+    with pytest.warns(UserWarning, match="saves little"):
+        rdp_core.purify(x, 0.05, model=model, steps=2, guidance=GUIDANCES["agdm-x0"](), checkpoint_blocks=True)
 
 
 @pytest.mark.parametrize("name", ["gdmp-mse-x_t", "agdm-x0"])
