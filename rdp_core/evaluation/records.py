@@ -11,7 +11,7 @@ from pathlib import Path
 CONFIG_FILE = "config.json"
 RECORDS_DIR = "records"
 # Settings that may change between a run and its resumption without changing any result already written.
-RESUMABLE_CHANGES = ("n_images", "batch_size", "eot_chunk", "checkpoint_blocks", "device")  # same results
+RESUMABLE_CHANGES = ("n_images", "batch_size", "eot_chunk", "checkpoint_blocks", "device")
 
 
 def eps_key(eps):

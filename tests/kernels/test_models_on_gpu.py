@@ -64,7 +64,6 @@ def test_adjoint_gradient_on_the_gpu_is_the_unrolled_gradient(exact_float32):
     assert _relative(gradient("adjoint", precision="bf16"), gradient("autograd", precision="bf16")) < 1e-3
 
 
-
 def test_a_channels_last_model_computes_what_the_nchw_model_does(exact_float32):
     # The Triton norms read NHWC in place and the attention its strided views: the layout changes no value
     # beyond cuDNN's choice of algorithm, forward or gradient.

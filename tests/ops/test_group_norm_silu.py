@@ -134,7 +134,7 @@ def test_cpp_second_derivatives_match_the_reference():
     x, weight, bias = inputs((2, 32, 3, 3), seed=12)
     direction = torch.randn(x.shape)
     hvps = []
-    # The reference differentiated by autograd, not the torch backend: the cpp double backward runs on it.
+    # Against the readable reference, not the torch backend: the cpp double backward differentiates the latter's ops.
     for op in (group_norm_silu_torch, lambda *t: group_norm_silu(*t, backend="cpp")):
         leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
         y = op(leaves[0], 8, leaves[1], leaves[2])
