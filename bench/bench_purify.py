@@ -71,8 +71,8 @@ def _runner(provider, model, x):
         torchsde = pytest.importorskip("torchsde", reason="pip install torchsde to compare with DiffPure's sampler")
         return lambda: torchsde_purify(torchsde, model, x, T_STAR)
     graphs = None if x.is_cuda and "graphed" in provider else False
-    precision = "bf16" if "bf16" in provider else "fp32"
-    tf32 = provider.endswith(("tf32", "bf16", "bf16-cl"))
+    precision = "bf16" if provider.endswith("bf16") else "fp32"
+    tf32 = provider.endswith(("tf32", "bf16"))
 
     def run():
         with _tf32(tf32) if x.is_cuda else contextlib.nullcontext():
@@ -113,9 +113,10 @@ def _bf16_matmul_tflops(device):
 def _bench(timed, benchmark, device, provider, batch):
     device = torch.device(device)
     benchmark.group = f"purify-t0.1-sde{STEPS}-{device.type}-batch{batch}"
-    model = (_channels_last_model if provider.endswith("-cl") else _model)(str(device))
+    channels_last = provider.endswith("-cl")  # a memory layout on top of the provider it names
+    model = (_channels_last_model if channels_last else _model)(str(device))
     x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
-    run = _runner(provider, model, x)
+    run = _runner(provider.removesuffix("-cl"), model, x)
     run()  # warm-up: graph capture, Triton autotuning, cuDNN algorithm choice
     seconds = timed(run, device, provider=provider, batch=batch)
     if seconds is None:

@@ -176,7 +176,7 @@ def test_block_checkpointing_keeps_the_exact_gradient(solver, t_star, steps):
     args = dict(t_star=t_star, model=model, solver=solver, steps=steps, clip=False)
     _, grad_autograd = input_gradient(x, weights, grad="autograd", **args)
     _, grad_adjoint = input_gradient(x, weights, grad="adjoint", **args)
-    out, grad_blocks = input_gradient(x, weights, grad="adjoint", checkpoint_blocks=True, **args)
+    _, grad_blocks = input_gradient(x, weights, grad="adjoint", checkpoint_blocks=True, **args)
     assert_relative_close(grad_blocks, grad_autograd, 1e-10)
     assert torch.equal(grad_blocks, grad_adjoint)  # the same arithmetic, recomputed
     assert all("forward" not in block.__dict__ for block in model.modules())  # the class forwards are back
