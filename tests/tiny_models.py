@@ -71,3 +71,21 @@ def input_gradient(x, weights, **purify_args):
 def assert_relative_close(actual, expected, tol):
     error = (actual - expected).norm() / expected.norm()
     assert error < tol, f"relative error {error:.3g} >= {tol}"
+
+
+def layout_leaks(model, memory_format, *inputs):
+    """Runs model(*inputs) and names each submodule whose 4-D output is not laid out in `memory_format`: a model
+    whose input and weights are in one layout should keep it, or every later kernel mixes layouts."""
+    leaks, hooks = [], []
+    for name, module in model.named_modules():
+        def hook(module, args, out, name=name):
+            if isinstance(out, torch.Tensor) and out.dim() == 4 and not out.is_contiguous(memory_format=memory_format):
+                leaks.append(f"{name} ({type(module).__name__}): strides {out.stride()} for shape {tuple(out.shape)}")
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return leaks

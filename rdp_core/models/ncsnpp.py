@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rdp_core.models.checkpoint import CheckpointMismatch, load_strict, read_state, strip_prefix
+from rdp_core.models.layout import memory_format_of
 from rdp_core.ops import GroupNormAct, GroupNormSiLU
 from rdp_core.ops.attention import attention
 from rdp_core.ops.conv3x3 import Conv2d
@@ -125,6 +126,11 @@ class AttnBlockpp(nn.Module):
         # (N, C, H, W) view: no copies between the projections and the attention kernel.
         q, k, v = (nin(h).flatten(2).transpose(1, 2).unsqueeze(1) for nin in (self.NIN_0, self.NIN_1, self.NIN_2))
         h = attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, c, height, width)
+        # The attention result is a channels-last view whatever x's layout. Let through into an NCHW model, it
+        # would turn everything after the first attention block channels-last and the skip concatenations and
+        # sums into mixes of both layouts (on a GPU: cuDNN layout conversions and strided elementwise kernels).
+        # One copy of a low-resolution map keeps the model in x's layout; a no-op when x is channels-last.
+        h = h.contiguous(memory_format=memory_format_of(x))
         return _rescaled_skip(x, self.NIN_3(h))
 
 

@@ -9,6 +9,7 @@ import torch
 import rdp_core
 from rdp_core.models.ncsnpp import NCSNpp, ScoreSDEEpsModel
 from rdp_core.train import CPU_MODEL
+from tiny_models import layout_leaks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -80,3 +81,14 @@ def test_a_channels_last_model_computes_what_the_nchw_model_does(exact_float32):
 
     (out, grad), (out_cl, grad_cl) = gradient(model), gradient(channels_last)
     assert _relative(out_cl, out) < 1e-5 and _relative(grad_cl, grad) < 1e-5
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels-last"])
+def test_the_model_keeps_its_memory_layout_on_the_gpu(memory_format, precision):
+    # The layout of the weights and the input is the layout of every activation: no block hands the next one
+    # the other layout (which costs cuDNN layout conversions and strided elementwise kernels).
+    model = _model().to(memory_format=memory_format)
+    x = torch.rand(4, 3, 32, 32, device="cuda").contiguous(memory_format=memory_format)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        assert layout_leaks(model, memory_format, x, torch.full((4,), 0.05, device="cuda")) == []
