@@ -9,6 +9,9 @@
 #   bash bench/gpu_check.sh,
 #   with .whl carried (the kernel and graph tests by name; the adjoint with its every-state default, with block
 #   checkpointing against the 3x memory target, and graphed; the kernels' graph timings)
+#   then STEPS="purify profile" PURIFY_BATCHES="256 64" PURIFY_PROVIDERS="bf16" bash bench/gpu_check.sh
+#   (rdp-graphed-bf16 since the attention block keeps an NCHW model NCHW, against 3.174 s and 1.032 s before,
+#   beside its channels-last row rdp-graphed-bf16-cl; the profile says which layout the GPU should default to)
 #   STEPS=grad GRAD_PROVIDERS="rdp-adjoint torchsde-adjoint" bash bench/gpu_check.sh   (some gradient providers)
 #   STEPS=precision bash bench/gpu_check.sh, with .gpu_data carried too: what bf16 changes in the purified
 #   images and the ResNet-56's predictions against fp32 with the same noise (issue 8's accuracy effect).
