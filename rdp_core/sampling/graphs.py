@@ -18,19 +18,23 @@ Used by `purify` on CUDA for results that need no graph (grad="none" or "bpda", 
 `graphs=False` or RDP_CORE_DISABLE_GRAPHS=1 turns it off. Guided no-grad solves are graphed too (on an
 H200 they equalled eager bit for bit under deterministic cuDNN); the adjoint is captured only on request
 (graphs=True) until its guided GPU test in tests/sampling/test_graphs.py has passed; on the CPU those tests
-run everything but the capture itself. Graphs live as long as their model.
+run everything but the capture itself. Graphs live as long as their model, and no longer than its
+parameters and buffers stay where they were at capture (moving them drops its graphs; AGDM's auxiliary
+network's addresses are part of the key).
 """
+import itertools
 import os
 import weakref
 
 import torch
+from torch import nn
 from torch.autograd.function import once_differentiable
 
 from rdp_core.sampling.adjoint import (adjoint_from_checkpoints, default_checkpoint_every,
                                        solve_keeping_checkpoints)
 from rdp_core.sampling.noise import guidance_draw, guidance_step
 
-_CACHE = weakref.WeakKeyDictionary()  # model -> {key: GraphedSolve or GraphedAdjoint}
+_CACHE = weakref.WeakKeyDictionary()  # model -> (its tensors' addresses, {key: GraphedSolve or GraphedAdjoint})
 WARMUP_RUNS = 2
 
 
@@ -200,11 +204,37 @@ def _math_flags():
             torch.are_deterministic_algorithms_enabled())
 
 
+def _addresses(module):
+    """Where a module's parameters and buffers live. A graph reads its weights at the addresses they had at
+    capture: after `model.cpu().cuda()` or `param.data = ...` it would replay freed memory, silently."""
+    if not isinstance(module, nn.Module):
+        return ()
+    return tuple(t.data_ptr() for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def _graphs_of(model):
+    """The graphs cached for `model`; all dropped (with their memory) once its tensors have moved."""
+    addresses = _addresses(model)
+    cached = _CACHE.get(model)
+    if cached is None or cached[0] != addresses:
+        cached = _CACHE[model] = (addresses, {})
+    return cached[1]
+
+
+def _guidance_key(guidance):
+    """guidance.graph_key(), with the addresses of the networks in it (AGDM's auxiliary network), as above."""
+    if guidance is None:
+        return None
+    key = guidance.graph_key()
+    networks = key if isinstance(key, tuple) else (key,)
+    return key, tuple(_addresses(n) for n in networks if isinstance(n, nn.Module))
+
+
 def _key(reverse, x_t, guidance, reference, *extra):
     return (_math_flags(), type(reverse).__name__, tuple(reverse.model_times), reverse.start_alpha_bar,
             tuple(tuple(c) for c in getattr(reverse, "_coefs", ())), id(getattr(reverse, "_schedule", None)),
             getattr(reverse, "clip_denoised", None), tuple(x_t.shape), x_t.dtype, x_t.device,
-            None if guidance is None else guidance.graph_key(),
+            _guidance_key(guidance),
             tuple((tuple(r.shape), r.dtype) for r in reference), *extra)
 
 
@@ -212,7 +242,7 @@ def graphed_solve(model, reverse, step, x_t, guidance=None, reference=()):
     """The cached GraphedSolve for this model, solver grid, guidance and state, captured on first use.
 
     step(state, i, noise, reference): the solver step with `model` and `guidance` folded in."""
-    per_model = _CACHE.setdefault(model, {})
+    per_model = _graphs_of(model)
     key = _key(reverse, x_t, guidance, reference)
     if key not in per_model:
         per_model[key] = GraphedSolve(step, reverse.num_steps, x_t, reverse.stochastic, guidance is not None,
@@ -225,7 +255,7 @@ def graphed_adjoint_solve(model, reverse, step, x_t, noise, guidance=None, refer
     cached CUDA graphs (a GraphedAdjoint per model, solver grid, guidance, state and checkpoint spacing)."""
     every = default_checkpoint_every(reverse.num_steps, x_t.numel() * x_t.element_size()) if every is None else every
     needs = tuple(r.requires_grad for r in reference)
-    per_model = _CACHE.setdefault(model, {})
+    per_model = _graphs_of(model)
     key = _key(reverse, x_t, guidance, reference, "adjoint", every, needs)
     if key not in per_model:
         per_model[key] = GraphedAdjoint(step, reverse.num_steps, every, x_t, reverse.stochastic,
@@ -235,4 +265,4 @@ def graphed_adjoint_solve(model, reverse, step, x_t, noise, guidance=None, refer
 
 def cached_graphs(model):
     """How many graphs are cached for `model` (for tests and memory accounting)."""
-    return len(_CACHE.get(model, {}))
+    return len(_CACHE[model][1]) if model in _CACHE else 0

@@ -7,6 +7,7 @@ import torch
 
 import rdp_core
 from rdp_core import api
+from rdp_core.guidance import cached_auxiliary
 from rdp_core.models.ncsnpp import NCSNpp, ScoreSDEEpsModel
 from rdp_core.sampling import graphs
 from rdp_core.sampling.graphs import cached_graphs, graphs_wanted
@@ -80,6 +81,41 @@ def test_changing_a_cudnn_switch_builds_a_new_graph(monkeypatch, flag):
     assert cached_graphs(model) == 2
 
 
+def _count_captures(monkeypatch):
+    captures = []
+    stand_in = graphs.capture
+    monkeypatch.setattr(graphs, "capture", lambda fn, device: captures.append(1) or stand_in(fn, device))
+    return captures
+
+
+@pytest.mark.parametrize("guidance", [None, "agdm"])
+def test_reallocated_weights_build_a_new_graph_and_in_place_edits_do_not(monkeypatch, guidance):
+    # A graph reads the weights at their addresses at capture time: after model.cpu().cuda() or `p.data = ...`
+    # a replay would read freed memory. In-place edits (load_state_dict, an optimizer step) are seen by the
+    # replay and need no new graph. Likewise for AGDM's auxiliary network.
+    use_stand_in_capture(monkeypatch)
+    captures = _count_captures(monkeypatch)
+    model, x = _tiny_model(), torch.rand(2, 3, 32, 32)
+    network = cached_auxiliary("cpu")
+    options = {} if guidance is None else dict(guidance=guidance, guidance_options={"network": network})
+
+    def purify():
+        _purified(x, model, 0, t_star=0.003, steps=2, graphs=True, **options)
+
+    purify()
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.5)
+    purify()
+    assert len(captures) == 1
+    moved = [model] if guidance is None else [model, network]
+    for module in moved:
+        for p in module.parameters():
+            p.data = p.data.clone()  # the same values at new addresses
+        purify()
+    assert len(captures) == 1 + len(moved)
+    assert cached_graphs(model) == (1 if guidance is None else 2)  # the model's own move dropped its old graphs
+
+
 @pytest.mark.parametrize("guidance, solver", [(None, "sde"), ("gdmp", "sde"), ("agdm", "ode-heun")])
 def test_graphed_adjoint_gives_the_eager_adjoint_gradient(monkeypatch, guidance, solver):
     # Two purifications through one graph before either backward: each gradient must still be its own (the
@@ -136,6 +172,20 @@ def test_a_new_shape_builds_a_new_graph():
     for batch in (2, 3, 2):
         _purified(torch.rand(batch, 3, 32, 32, device="cuda"), model, 0)
     assert cached_graphs(model) == 2
+
+
+@needs_cuda
+def test_a_model_moved_off_the_gpu_and_back_is_not_replayed_from_freed_memory():
+    # New weights at new addresses (the old ones, freed, still hold the old values): a stale graph would
+    # replay the old model.
+    model, x = _model(), torch.rand(2, 3, 32, 32, device="cuda")
+    _purified(x, model, 0, graphs=True)
+    model.cpu()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    model.cuda()
+    assert torch.equal(_purified(x, model, 0, graphs=True), _purified(x, model, 0, graphs=False))
 
 
 @needs_cuda
