@@ -65,6 +65,7 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
     if model is None:
         model = default_eps_model_for(x, t_star)
     check_model_device(model, x)
+    check_model_mode(model)
     model = with_precision(model, precision)
     guide = make_guidance(guidance, x.device, **(guidance_options or {}))
     if checkpoint_blocks and getattr(guide, "uses_x0", False):
@@ -182,11 +183,13 @@ class Purifier(nn.Module):
                       **self.solver_options)
 
     def train(self, mode=True):
-        """Sets the classifier's mode; the guidance network stays in eval mode (its BatchNorm statistics are
-        part of the defense, and attack libraries call train() on the models they wrap)."""
+        """Sets the classifier's mode; the score model and the guidance network stay in eval mode (their
+        dropout and BatchNorm are not part of the defense, attack libraries call train() on the models they
+        wrap, and the adjoint's gradient needs each step to compute the same function twice)."""
         super().train(mode)
-        if self.guidance_network is not None:
-            self.guidance_network.eval()
+        for part in (self.model, self.guidance_network):
+            if isinstance(part, nn.Module):
+                part.eval()
         return self
 
     def forward(self, x, generator=None):
@@ -233,6 +236,20 @@ def _model_device(model):
     if tensor is None:
         tensor = next(model.buffers(), None)
     return None if tensor is None else tensor.device
+
+
+def check_model_mode(model):
+    """ValueError when the score model has dropout or batch norm in training mode: every purification, and the
+    adjoint's recomputation of each step, would then draw other dropout masks (or batch statistics), so no
+    two runs compute the same function and the adjoint's gradient is not that of the forward's."""
+    if not isinstance(model, nn.Module):
+        return
+    stochastic = [name or type(model).__name__ for name, m in model.named_modules() if m.training and (
+        isinstance(m, nn.modules.batchnorm._BatchNorm) or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0))]
+    if stochastic:
+        raise ValueError(f"the score model is in training mode ({len(stochastic)} dropout or batch-norm modules, "
+                         f"e.g. {stochastic[0]}): purification needs model.eval(), or each call and the adjoint's "
+                         "recomputation would compute a different function")
 
 
 def check_model_device(model, x):

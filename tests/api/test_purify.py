@@ -130,6 +130,32 @@ def test_default_model_only_takes_cifar_shapes_and_a_model_on_another_device_is_
         rdp_core.purify(torch.rand(1, 3, 2, 2), model=tiny_model)
 
 
+class _DropoutEps(nn.Module):
+    """An epsilon model with dropout (DDPM++ has it): in training mode every call is another function."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.dropout = inner, nn.Dropout(0.1)
+
+    def forward(self, x, t):
+        return self.dropout(self.inner(x, t))
+
+
+def test_a_score_model_with_dropout_in_training_mode_is_an_error(tiny_model):
+    # Its dropout would draw new masks in every call and in the adjoint's recomputation of each step: a
+    # silently randomised purifier and a gradient that is not that of the forward.
+    x = torch.rand(2, 1, 2, 2, dtype=torch.float64)
+    model = _DropoutEps(tiny_model).train()
+    with pytest.raises(ValueError, match="training mode .*dropout.*model.eval\\(\\)"):
+        rdp_core.purify(x, 0.1, model=model)
+    purifier = rdp_core.Purifier(_LinearClassifier(), model, 0.1, steps=2)
+    purifier.train()  # what attack libraries do: the classifier follows, the score model stays in eval mode
+    assert purifier.classifier.training and not model.training
+    purifier(x)
+    model.dropout.p = 0.0
+    rdp_core.purify(x, 0.1, model=model.train(), steps=2)  # no dropout in effect, nothing to refuse
+
+
 class _LinearClassifier(nn.Module):
     def __init__(self):
         super().__init__()
