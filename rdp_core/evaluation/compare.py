@@ -20,7 +20,7 @@ from rdp_core.evaluation.summary import Z_95, accuracy_entry, attack_text, by_ki
 
 VERDICTS = {"all votes": "correct_all", "majority": "correct_majority"}
 # Settings that must agree for two runs to be compared image by image (the defense's own settings may differ).
-SAME_ATTACK = ("attack", "norm", "iterations", "eot", "step_size", "votes", "seed", "classifier")
+SAME_ATTACK = ("attack", "norm", "iterations", "eot", "step_size", "votes", "seed", "classifier", "square_queries")
 
 
 def load_run(out_dir):

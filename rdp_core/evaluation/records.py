@@ -14,6 +14,14 @@ RECORDS_DIR = "records"
 RESUMABLE_CHANGES = ("n_images", "batch_size", "eot_chunk", "checkpoint_blocks", "device")
 
 
+def verdicts(votes, label):
+    """(right on every vote, right by majority): the label must have more votes than any other class, so a tie
+    is wrong whatever the classes' indices (records written before this rule broke ties toward the smaller
+    class index; `RecordStore.read_all` recomputes both from the votes)."""
+    others = max((votes.count(c) for c in set(votes) if c != label), default=0)
+    return all(v == label for v in votes), votes.count(label) > others
+
+
 def eps_key(eps):
     """JSON-safe eps (math.inf, the unbounded attack, becomes the string "inf"), rounded to 1e-9."""
     return "inf" if math.isinf(eps) else round(float(eps), 9)
@@ -46,9 +54,12 @@ class RecordStore:
         for path in sorted(self.records_dir.glob("*.jsonl")):
             for line in path.read_text().splitlines():
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if "votes" in record:
+                    record["correct_all"], record["correct_majority"] = verdicts(record["votes"], record["label"])
+                records.append(record)
         return records
 
     def done_keys(self):

@@ -27,7 +27,7 @@ from rdp_core.api import Purifier
 from rdp_core.attacks import autoattack, pgd_eot, predict_votes
 from rdp_core.attacks.pgd import DEFAULT_EPS, LINF_STEP, NORMS, default_step_size
 from rdp_core.evaluation import distributed
-from rdp_core.evaluation.records import RecordStore, eps_key
+from rdp_core.evaluation.records import RecordStore, eps_key, verdicts
 from rdp_core.evaluation.summary import markdown, plot_accuracy_vs_eps, summarize
 from rdp_core.guidance import load_auxiliary
 from rdp_core.models.default import load_default_eps_model
@@ -233,16 +233,18 @@ class _Evaluation:
         return (predict_votes(self.defense, x, self.config.votes, self.config.eot_chunk) == y).all(0)
 
     def _reseed(self, job, indices):
-        """Noise as a function of (seed, job, first image): a resumed or re-sharded batch replays exactly."""
+        """Noise as a function of (seed, job, the batch's first image and size): a batch resumed as it was run
+        replays exactly; a batch cut differently (another --batch-size, process count or a partial batch
+        redone) draws other noise, from the same distribution."""
         text = f"{self.config.seed}/{job.kind}/{eps_key(job.eps)}/{indices[0]}/{len(indices)}"
         self.generator.manual_seed(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little"))
 
 
 def _record(job, index, label, votes, delta, trace, k, seconds):
     predictions = votes.tolist()
-    majority = max(set(predictions), key=lambda c: (predictions.count(c), -c))
+    correct_all, correct_majority = verdicts(predictions, label)
     record = {"kind": job.kind, "index": index, "label": label, "eps": eps_key(job.eps), "votes": predictions,
-              "correct_all": all(p == label for p in predictions), "correct_majority": majority == label,
+              "correct_all": correct_all, "correct_majority": correct_majority,
               "linf": float(delta.abs().max()), "l2": float(delta.flatten().norm()), "seconds": seconds}
     if trace is not None:
         record["correct_fraction"] = [round(float(v), 4) for v in trace[:, k]]

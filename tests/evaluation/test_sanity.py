@@ -35,5 +35,16 @@ def test_a_zero_gradient_fails_the_about_zero_checks(resnet20, half_wrong, tmp_p
 
 def test_a_reversed_gradient_fails_the_eps_and_iteration_checks(resnet20, half_wrong, tmp_path, broken_gradient):
     # Small steps so that the attack, walking the wrong way, keeps fixing mistakes across its iterations.
-    status = checks(broken_gradient(resnet20, -1.0), half_wrong, tmp_path, step_size=0.001)
+    # (At 0.001 most mistakes are fixed within the first quarter: 4 rises, 0 falls, which the exact sign test
+    # rightly calls insignificant, p = 0.0625.)
+    status = checks(broken_gradient(resnet20, -1.0), half_wrong, tmp_path, step_size=0.0005)
     assert status["eps"] == "FAIL" and status["iterations"] == "FAIL"
+
+
+def test_the_sign_test_is_exact():
+    from rdp_core.evaluation.summary import sign_test_p
+
+    # 3 rises and no fall is p = 1/8 (a normal approximation without continuity correction called it
+    # significant), 5 to 0 is 1/32; falls never make a rise significant.
+    assert sign_test_p(3, 0) == 0.125 and sign_test_p(5, 0) == 1 / 32 and sign_test_p(6, 1) == 8 / 128
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(0, 7) == 1.0

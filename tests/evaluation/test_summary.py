@@ -53,3 +53,18 @@ def test_iteration_check_reads_the_pgd_traces():
               for i in range(10)]
     assert summarize(clean + falling)["sanity"][3]["status"] == "pass"
     assert summarize(clean + rising)["sanity"][3]["status"] == "FAIL"
+
+
+def test_a_majority_tie_is_wrong_whatever_the_class_indices(tmp_path):
+    from rdp_core.evaluation.records import RecordStore, verdicts
+
+    # Label 1 tied with 5 used to win (the smaller index) and label 9 tied with 8 to lose: now both are wrong.
+    assert verdicts([3, 1, 5, 5, 1], 1) == (False, False) and verdicts([9, 9, 8, 0, 8], 9) == (False, False)
+    assert verdicts([1, 1, 5, 5, 1], 1) == (False, True) and verdicts([2, 2, 2], 2) == (True, True)
+    assert verdicts([2, 3, 4], 2) == (False, False)
+    # Records written under the old rule are read under the new one.
+    store = RecordStore(tmp_path)
+    store.records_dir.mkdir(parents=True)
+    store.append([{"kind": "clean", "index": 6, "label": 1, "eps": 0.0, "votes": [3, 1, 5, 5, 1],
+                   "correct_all": False, "correct_majority": True}])
+    assert store.read_all()[0]["correct_majority"] is False
