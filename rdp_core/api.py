@@ -6,6 +6,7 @@ differentiable with respect to the images, exactly (attacks need the gradient; s
 randomness comes from one seed drawn from the caller's generator, so the same seed gives the same output.
 `eot_gradient` averages the gradient of a loss over several independent purifications (EOT).
 """
+import copy
 import functools
 import warnings
 
@@ -14,9 +15,9 @@ from torch import nn
 
 from rdp_core.attacks.eot import eot_loss_gradient
 from rdp_core.checks import check_images
-from rdp_core.models.default import default_eps_model_for, load_default_eps_model
+from rdp_core.models.default import default_eps_model_for, load_default_eps_model, warn_beyond_trained_range
 from rdp_core.sampling import DIFFUSION_DRAW, VP, StepNoise, make_solver
-from rdp_core.guidance import GuidedEps, make_guidance
+from rdp_core.guidance import GuidedEps, cached_auxiliary, make_guidance
 from rdp_core.sampling.adjoint import checkpoint_units, checkpointed_solve, progress_range, warn_if_trainable
 from rdp_core.sampling.graphs import graphed_adjoint_solve, graphed_solve, graphs_wanted
 from rdp_core.sampling.precision import with_precision
@@ -63,11 +64,15 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
     check_block_checkpointing(checkpoint_blocks, grad, graphs)
     reverse = make_solver(solver, t_star, steps, schedule, **solver_options)
     if model is None:
-        model = default_eps_model_for(x, t_star)
+        model = default_eps_model_for(x)
+    warn_beyond_trained_range(model, t_star, stacklevel=2)
     check_model_device(model, x)
     check_model_mode(model)
     model = with_precision(model, precision)
     guide = make_guidance(guidance, x.device, **(guidance_options or {}))
+    if guide is not None and torch.is_inference_mode_enabled():
+        raise ValueError("guided purification takes a gradient of its objective at every step, which "
+                         "torch.inference_mode() forbids: call it under torch.no_grad() instead")
     if checkpoint_blocks and getattr(guide, "uses_x0", False):
         warnings.warn("checkpoint_blocks=True with guidance on x0_hat saves little: the guidance gradient's own "
                       "graph keeps the recomputed blocks for the second-order terms (AGDM on the CPU: 6% less "
@@ -82,8 +87,21 @@ def purify(x, t_star=0.1, *, model=None, solver="sde", steps=None, generator=Non
     if grad in ("bpda", "none") or not torch.is_grad_enabled():
         with torch.no_grad():
             out = run(x.detach(), grad="autograd", checkpoint_every=None)
-        return x + (out - x).detach() if grad == "bpda" and x.requires_grad else out
+        return _Identity.apply(x, out) if grad == "bpda" and x.requires_grad else out
     return run(x, grad=grad, checkpoint_every=checkpoint_every)
+
+
+class _Identity(torch.autograd.Function):
+    """BPDA's straight-through estimator: `out`'s values exactly (x + (out - x).detach() rounds them, up to an
+    ulp in float32 and 5e-4 in float16), the identity as the gradient with respect to x."""
+
+    @staticmethod
+    def forward(ctx, x, out):
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 def _purified(x, *, model, reverse, schedule, generator, clip, progress, grad, checkpoint_every, guidance, graphs,
@@ -156,7 +174,12 @@ class Purifier(nn.Module):
         if checkpoint_blocks:
             checkpoint_units(model)  # a model without blocks to recompute is an error now, not at the first gradient
         guidance_device = _model_device(model) or torch.device("cpu")
-        self.guidance = make_guidance(guidance, guidance_device, **(guidance_options or {}))
+        options = dict(guidance_options or {})
+        if guidance == "agdm" and options.get("network") is None:
+            # A copy of its own: the Purifier registers the network as a submodule, and purifier.double() or
+            # .to(...) must not change the process-wide cached one that purify(guidance="agdm") uses.
+            options["network"] = copy.deepcopy(cached_auxiliary(str(guidance_device)))
+        self.guidance = make_guidance(guidance, guidance_device, **options)
         # Registered as a submodule, so that moving the Purifier moves the auxiliary network too.
         self.guidance_network = getattr(self.guidance, "network", None)
         self.graphs = graphs

@@ -125,7 +125,10 @@ def _add_train_guidance_command(commands):
 
 
 def run_train_guidance(args):
-    (eps,) = _parse_eps(args.eps)
+    radii = _parse_eps(args.eps)
+    if len(radii) != 1:
+        raise SystemExit(f"--eps: train-guidance takes one radius, got {args.eps!r}")
+    (eps,) = radii
     config = TradesConfig(depth=args.depth, beta=args.beta, eps=eps, step_size=eps / 4,
                           attack_steps=args.attack_steps, batch_size=args.batch_size, lr=args.lr,
                           minutes=args.minutes, max_steps=args.max_steps, eval_images=args.eval_images, seed=args.seed)
@@ -443,7 +446,7 @@ def _purify_in_batches(images, model, generator, device, args, precision):
 
 def _report(args, device, fit_images, seconds, mse, psnr, labels):
     return {
-        "command": " ".join(["rdp-core"] + sys.argv[1:]),
+        "command": args.command_line,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device),
         "config": {"t_star": args.t_star, "solver": args.solver, "steps": args.steps, "seed": args.seed,

@@ -34,6 +34,8 @@ def load_cifar10(split="test", root=None, dtype=torch.uint8, limit=None):
     `dtype` torch.uint8 gives raw pixels; a floating dtype gives values in [0, 1]. "train" reads whichever
     data_batch_* files are present (at least one). `limit` keeps the first `limit` images.
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive number of images or None, got {limit!r}")
     folder = cifar10_folder(root)
     files = _split_files(folder, split)
     images, labels = [], []

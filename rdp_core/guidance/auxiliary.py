@@ -7,7 +7,7 @@ import functools
 import json
 from pathlib import Path
 
-from rdp_core.models.checkpoint import load_strict
+from rdp_core.models.checkpoint import float_weights, load_strict
 from rdp_core.models.classifiers import CifarResNet
 
 DEFAULT_AUXILIARY = Path(__file__).resolve().parent.parent / "weights" / "agdm_aux_cifar10_cpu.safetensors"
@@ -23,7 +23,7 @@ def load_auxiliary(path=None, device="cpu"):
                                 "`rdp-core train-guidance` (see README) or pass network=...")
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-        state = {k: f.get_tensor(k).float() for k in f.keys()}
+        state = float_weights({k: f.get_tensor(k) for k in f.keys()})
     if "depth" not in metadata:
         raise ValueError(f"{path} has no 'depth' metadata: it was not written by rdp-core train-guidance")
     network = CifarResNet(int(metadata["depth"]))

@@ -75,6 +75,9 @@ class PixelGuidance(_Scaled):
             alpha_bar = self._noise_schedule.alpha_bar(t).to(x_t.dtype).view(-1, 1, 1, 1)
             sample, target = x_t, alpha_bar.sqrt() * x_in + (1.0 - alpha_bar).sqrt() * draw()
         if self.distance == "ssim":
+            # On the [-1, 1] states, as GDMP computes it. SSIM was made for non-negative intensities: with signed
+            # values its luminance term can change sign (ssim(a, -a) is about 0.85), so its gradient points away
+            # from the target on more pixels than on [0, 1] images; kept as GDMP defined its guidance.
             return ssim(sample, target)
         return -(sample - target).pow(2).flatten(1).mean(1)
 

@@ -2,8 +2,10 @@
 
 Files are read without executing code: safetensors, or torch.load with weights_only=True (which refuses any
 pickle that would build something other than tensors and plain containers). Loading into a module is
-strict, and a mismatch is reported by name: the first missing and unexpected keys and the shapes that
-differ; a state dict that matches none of the module's keys is an error of its own (wrong model family).
+strict, and a mismatch is reported by name: the first missing and unexpected keys, the shapes that differ
+and the values of another kind (not a tensor; an integer or bool tensor where the model has floats, or the
+reverse); a state dict that matches none of the module's keys is an error of its own (wrong model family).
+Floating-point precisions convert (checkpoints are often stored in half precision).
 """
 from pathlib import Path
 
@@ -63,22 +65,45 @@ def load_strict(module, state, source="checkpoint"):
     state = {**{k: v for k, v in expected.items() if _is_step_counter(k)}, **state}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
+    present = [k for k in expected if k in state]
+    wrong_kinds = [f"{k}: checkpoint {_kind(state[k])} vs model {_kind(expected[k])}"
+                   for k in present if _kind(state[k]) != _kind(expected[k])]
     wrong_shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in present
+        if isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(expected[k].shape)
     ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys, first {missing[:SHOWN]}")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected keys, first {unexpected[:SHOWN]}")
+    if wrong_kinds:
+        problems.append(f"{len(wrong_kinds)} values of another kind, first {wrong_kinds[:SHOWN]}")
     if wrong_shapes:
         problems.append(f"{len(wrong_shapes)} shapes differ, first {wrong_shapes[:SHOWN]}")
     if problems:
         raise CheckpointMismatch(f"{source} does not fit {type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(state, strict=True)
     return module
+
+
+def _kind(value):
+    """What must agree between a checkpoint's value and the model's: a tensor of floating point, complex,
+    integer or bool values (precisions within a kind convert), or something that is no tensor at all."""
+    if not isinstance(value, torch.Tensor):
+        return f"a {type(value).__name__}, not a tensor"
+    if value.dtype == torch.bool:
+        return "bool tensor"
+    if value.is_floating_point():
+        return "floating-point tensor"
+    return "complex tensor" if value.is_complex() else "integer tensor"
+
+
+def float_weights(state):
+    """`state` with its floating-point tensors in float32 (stored half-precision weights), others as they are
+    (BatchNorm's integer step counters)."""
+    return {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in state.items()}
 
 
 def _is_step_counter(key):

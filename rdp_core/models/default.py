@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 
-from rdp_core.models.checkpoint import load_strict
+from rdp_core.models.checkpoint import float_weights, load_strict
 from rdp_core.models.layout import engine_layout
 from rdp_core.models.ncsnpp import DDPMppConfig, NCSNpp, ScoreSDEEpsModel
 
@@ -26,7 +26,7 @@ def load_trained(path, device="cpu"):
         raise FileNotFoundError(f"model weights not found: {path}")
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-        state = {k: f.get_tensor(k).float() for k in f.keys()}
+        state = float_weights({k: f.get_tensor(k) for k in f.keys()})
     if "model_config" not in metadata:
         raise ValueError(f"{path} has no model_config metadata: it was not written by rdp-core train-diffusion")
     fields = json.loads(metadata["model_config"])
@@ -49,13 +49,17 @@ def _cached_default(device):
     return load_default_eps_model(device)
 
 
-def default_eps_model_for(x, t_star):
-    """The default model on x's device (loaded once per device), with a warning beyond its trained range."""
+def default_eps_model_for(x):
+    """The default model on x's device (loaded once per device)."""
     if tuple(x.shape[1:]) != (3, 32, 32):
         raise ValueError(f"the default model is a CIFAR-10 model for (N, 3, 32, 32) images, got {tuple(x.shape)}; "
                          "pass model=... for other images")
-    model = _cached_default(str(x.device))
-    if t_star > model.trained_t_max:
-        warnings.warn(f"the default model was trained for t <= {model.trained_t_max}; t_star = {t_star} uses "
-                      "noise levels it has not seen", RuntimeWarning, stacklevel=3)
-    return model
+    return _cached_default(str(x.device))
+
+
+def warn_beyond_trained_range(model, t_star, stacklevel=2):
+    """A RuntimeWarning when a model trained by rdp_core (which records its t_max) is asked for a larger t*."""
+    t_max = getattr(model, "trained_t_max", None)
+    if t_max is not None and t_star > t_max:
+        warnings.warn(f"the score model was trained for t <= {t_max}; t_star = {t_star} uses noise levels it "
+                      "has not seen", RuntimeWarning, stacklevel=stacklevel + 1)

@@ -209,6 +209,11 @@ class NCSNpp(nn.Module):
         self.all_modules = nn.ModuleList(modules)
 
     def forward(self, x, time_cond):
+        c = self.config
+        # Its attention blocks sit at fixed resolutions: another image size would misalign the module sequence.
+        if x.dim() != 4 or tuple(x.shape[1:]) != (c.num_channels, c.image_size, c.image_size):
+            raise ValueError(f"this DDPM++ model takes images of shape (N, {c.num_channels}, {c.image_size}, "
+                             f"{c.image_size}), got {tuple(x.shape)}")
         it = iter(self.all_modules)
         temb = next(it)(timestep_embedding(time_cond, self.config.nf))
         temb = next(it)(F.silu(temb))
@@ -274,6 +279,9 @@ def _copy_shadow_params(net, state, path):
                                  f"found {found}")
     names = [name for name, _ in net.named_parameters()]
     for name, param, value in zip(names, params, shadow):
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise CheckpointMismatch(f"{path}: ema parameter for {name} must be a floating-point tensor, got "
+                                     f"{value.dtype if isinstance(value, torch.Tensor) else type(value).__name__}")
         if param.shape != value.shape:
             raise CheckpointMismatch(f"{path}: ema parameter for {name} has shape {tuple(value.shape)}, "
                                      f"model has {tuple(param.shape)}")

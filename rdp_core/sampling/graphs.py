@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from rdp_core import _backend
 from rdp_core.sampling.adjoint import (adjoint_from_checkpoints, default_checkpoint_every,
                                        solve_keeping_checkpoints)
 from rdp_core.sampling.noise import guidance_draw, guidance_step
@@ -153,7 +154,10 @@ class GraphedAdjoint:
         def backward():
             grad_x, grad_context = adjoint_from_checkpoints(static_step, self.saved, num_steps, every, self.context,
                                                             self.grad_out)
-            return (grad_x, *(g for g in grad_context if g is not None))
+            # A reference tensor that requires grad but that the guidance never reads (AGDM's features with
+            # latent=False) gets None: a zero keeps the captured outputs in step with `needs`.
+            return (grad_x, *(torch.zeros_like(c) if g is None else g
+                              for c, g, need in zip(self.context, grad_context, self.needs) if need))
 
         self.backward_graph, (self.grad_x, *self.grad_context) = capture(backward, example.device)
 
@@ -231,7 +235,8 @@ def _guidance_key(guidance):
 
 
 def _key(reverse, x_t, guidance, reference, *extra):
-    return (_math_flags(), type(reverse).__name__, tuple(reverse.model_times), reverse.start_alpha_bar,
+    # RDP_CORE_BACKEND is read at every op call, eagerly; a graph recorded the kernels of the backend of its capture.
+    return (_math_flags(), _backend.environment_backend(), type(reverse).__name__, tuple(reverse.model_times), reverse.start_alpha_bar,
             tuple(tuple(c) for c in getattr(reverse, "_coefs", ())), id(getattr(reverse, "_schedule", None)),
             getattr(reverse, "clip_denoised", None), tuple(x_t.shape), x_t.dtype, x_t.device,
             _guidance_key(guidance),

@@ -6,13 +6,14 @@ whatever its input), and the epsilon it returns cast back to the state's dtype, 
 (and the adjoint's) stays in float32. The wrapper is cached per model, so CUDA graphs captured for it are
 reused across calls.
 """
-import weakref
-
 import torch
 from torch import nn
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_WRAPPERS = weakref.WeakKeyDictionary()  # model -> {precision: AutocastEps}
+# The wrappers are kept on the model itself, in a plain dict attribute (not a submodule, so the module tree and
+# state dict are unchanged): a WeakKeyDictionary from model to wrapper would keep every model alive, and with
+# it its CUDA graphs, since each wrapper holds its model.
+_ATTRIBUTE = "_rdp_core_precision_wrappers"
 
 
 class AutocastEps(nn.Module):
@@ -31,7 +32,10 @@ def with_precision(model, precision):
         return model
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
-    per_model = _WRAPPERS.setdefault(model, {})
+    try:
+        per_model = vars(model).setdefault(_ATTRIBUTE, {})
+    except TypeError:  # a callable without attributes: a new wrapper each call (and so new graphs)
+        return AutocastEps(model, PRECISIONS[precision])
     if precision not in per_model:
         per_model[precision] = AutocastEps(model, PRECISIONS[precision])
     return per_model[precision]

@@ -190,8 +190,8 @@ class DDIM(_DiscreteSolver):
 
     def __init__(self, indices, schedule=VP, clip_denoised=True, eta=0.0):
         super().__init__(indices, schedule, clip_denoised)
-        if eta < 0.0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta < math.inf:
+            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
         self.stochastic = eta > 0.0
         self._coefs = []
         for ab, ab_prev in zip(self.alpha_bars[:-1], self.alpha_bars[1:]):
@@ -219,9 +219,9 @@ def make_solver(solver, t_star, steps=None, schedule=VP, **options):
     """The reverse solver `solver` (one of SOLVERS) from t* down to 0 with `steps` steps."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
-    if not isinstance(t_star, (int, float)) or not 0.0 < t_star <= 1.0:
+    if isinstance(t_star, bool) or not isinstance(t_star, (int, float)) or not 0.0 < t_star <= 1.0:
         raise ValueError(f"t_star must be a number in (0, 1], got {t_star!r}")
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
     if solver in ("ddpm", "ddim"):
         cls = DDPMAncestral if solver == "ddpm" else DDIM

@@ -55,6 +55,7 @@ def test_purify_command_writes_grid_metrics_and_images(data_root, tmp_path, caps
     assert code == 0
     report = json.loads((out / "purify.json").read_text())
     assert report["n_images"] == 5 and len(report["per_image"]) == 5
+    assert report["command"].startswith("rdp-core purify --data ")  # this call's arguments, not the process's
     assert report["config"]["fit_images"] == 10_000 and report["config"]["steps"] == 10
     assert 12 < report["psnr_mean"] < 40 and report["images_per_second"] > 0
     accuracy = report["accuracy"]
@@ -118,6 +119,11 @@ def test_purify_command_rejects_bad_arguments(data_root, tmp_path):
     with pytest.raises(ValueError, match="t_star"):
         main(["purify", "--data", str(data_root), "--n-images", "2", "--fit-images", "10000", "--t-star", "1.5",
               "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="limit must be a positive number"):
+        main(["purify", "--data", str(data_root), "--n-images", "2", "--model", "gaussian", "--fit-images", "-5",
+              "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="takes one radius"):
+        main(["train-guidance", "--data", str(data_root), "--eps", "8/255,4/255", "--out", str(tmp_path)])
 
 
 def test_eval_command_reports_accuracy_and_sanity(data_root, tmp_path, capsys):

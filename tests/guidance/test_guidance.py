@@ -179,6 +179,24 @@ def test_purifier_takes_guidance_and_moves_its_network():
     assert purifier(rgb_images().float()).shape == (2, 3 * 8 * 8)
 
 
+
+def test_a_purifier_with_the_shipped_network_owns_a_copy_of_it():
+    # purifier.double() moves the Purifier's network; the process-wide cached one that purify(guidance="agdm")
+    # uses must stay as it was.
+    from rdp_core.guidance import cached_auxiliary
+
+    shared = cached_auxiliary("cpu")
+    purifier = rdp_core.Purifier(torch.nn.Flatten(), TinyEps(channels=3).float(), 0.05, steps=3, guidance="agdm")
+    assert purifier.guidance_network is not shared
+    purifier.double()
+    assert next(shared.parameters()).dtype == torch.float32
+
+
+def test_guidance_under_inference_mode_is_explained():
+    with torch.inference_mode(), pytest.raises(ValueError, match="torch.no_grad"):
+        rdp_core.purify(rgb_images().float(), 0.05, model=TinyEps(channels=3).float(), steps=2, guidance="gdmp")
+
+
 def test_bad_guidance_is_explained():
     with pytest.raises(ValueError, match="guidance must be None"):
         make_guidance("pixel")

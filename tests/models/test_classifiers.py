@@ -86,6 +86,15 @@ def test_mismatches_are_named(akamaster):
     assert "1 missing keys, first ['layer2.1.conv1.weight']" in message
     assert "1 unexpected keys, first ['extra.weight']" in message
     assert "linear.weight: checkpoint (100, 64) vs model (10, 64)" in message
+    # Values of another kind: load_state_dict would cast an integer or bool tensor into float weights silently.
+    odd = {**state, "linear.bias": state["linear.bias"].long(), "conv1.weight": state["conv1.weight"] > 0,
+           "bn1.weight": state["bn1.weight"].tolist()}
+    with pytest.raises(CheckpointMismatch) as err:
+        load_strict(model, odd)
+    assert ("3 values of another kind, first ['conv1.weight: checkpoint bool tensor vs model floating-point "
+            "tensor', 'bn1.weight: checkpoint a list, not a tensor vs model floating-point tensor', "
+            "'linear.bias: checkpoint integer tensor vs model floating-point tensor']") in str(err.value)
+    load_strict(model, {k: v.half() if v.is_floating_point() else v for k, v in state.items()})  # precisions convert
     with pytest.raises(CheckpointMismatch, match="matches nothing"):
         load_strict(model, {"module." + k: v for k, v in state.items()})
     with pytest.raises(CheckpointMismatch, match="does not fit WideResNet: .* shapes differ"):

@@ -32,6 +32,12 @@ def test_purify_uses_the_default_model_when_none_is_given():
 def test_beyond_the_trained_range_purify_warns():
     with pytest.warns(RuntimeWarning, match="trained for t <="):
         rdp_core.purify(torch.rand(1, 3, 32, 32), t_star=0.9, steps=1)
+    # The same checks when the default model is passed or wrapped: a Purifier used to skip both.
+    purifier = rdp_core.Purifier(torch.nn.Flatten(), t_star=0.9, steps=1)
+    with pytest.warns(RuntimeWarning, match="trained for t <="):
+        purifier(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"takes images of shape \(N, 3, 32, 32\), got \(1, 3, 16, 16\)"):
+        rdp_core.Purifier(torch.nn.Flatten(), steps=1)(torch.rand(1, 3, 16, 16))
 
 
 def test_non_trained_files_are_refused(tmp_path):

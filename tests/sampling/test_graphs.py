@@ -81,6 +81,16 @@ def test_changing_a_cudnn_switch_builds_a_new_graph(monkeypatch, flag):
     assert cached_graphs(model) == 2
 
 
+def test_changing_the_backend_by_environment_builds_a_new_graph(monkeypatch):
+    # RDP_CORE_BACKEND is meant for A/B runs: a graph captured on one backend must not answer for another.
+    use_stand_in_capture(monkeypatch)
+    model, x = _tiny_model(), torch.rand(2, 3, 32, 32)
+    for backend in ("torch", "auto", "torch"):
+        monkeypatch.setenv("RDP_CORE_BACKEND", backend)
+        _purified(x, model, 0, t_star=0.003, steps=2, graphs=True)
+    assert cached_graphs(model) == 2
+
+
 def _count_captures(monkeypatch):
     captures = []
     stand_in = graphs.capture
@@ -116,8 +126,12 @@ def test_reallocated_weights_build_a_new_graph_and_in_place_edits_do_not(monkeyp
     assert cached_graphs(model) == (1 if guidance is None else 2)  # the model's own move dropped its old graphs
 
 
-@pytest.mark.parametrize("guidance, solver", [(None, "sde"), ("gdmp", "sde"), ("agdm", "ode-heun")])
-def test_graphed_adjoint_gives_the_eager_adjoint_gradient(monkeypatch, guidance, solver):
+@pytest.mark.parametrize("guidance, solver, options", [(None, "sde", None), ("gdmp", "sde", None),
+                                                       ("agdm", "ode-heun", None),
+                                                       ("agdm", "sde", {"latent": False})],
+                         ids=["plain", "gdmp", "agdm", "agdm-without-latent"])
+def test_graphed_adjoint_gives_the_eager_adjoint_gradient(monkeypatch, guidance, solver, options):
+    # agdm-without-latent: the input's features are a reference tensor that requires grad and is never read.
     # Two purifications through one graph before either backward: each gradient must still be its own (the
     # checkpoints and the noise are reloaded for the backward, not read from buffers the second forward reused).
     use_stand_in_capture(monkeypatch)
@@ -128,7 +142,7 @@ def test_graphed_adjoint_gives_the_eager_adjoint_gradient(monkeypatch, guidance,
     def purified(x, seed, graphs):
         leaf = x.clone().requires_grad_()
         out = rdp_core.purify(leaf, 0.003, model=model, solver=solver, steps=3, guidance=guidance, grad="adjoint",
-                              generator=torch.Generator().manual_seed(seed), graphs=graphs)
+                              guidance_options=options, generator=torch.Generator().manual_seed(seed), graphs=graphs)
         return leaf, out
 
     graphed = [purified(x, seed, True) for seed, x in enumerate(images)]

@@ -44,3 +44,17 @@ def test_the_wrapper_is_cached_per_model_and_precision_is_checked():
     assert isinstance(wrapped, AutocastEps) and with_precision(model, "fp16") is wrapped
     with pytest.raises(ValueError, match="precision must be one of"):
         with_precision(model, "int8")
+
+
+def test_a_cached_wrapper_does_not_keep_its_model_alive():
+    import gc
+    import weakref
+
+    model = DtypeRecorder()
+    with_precision(model, "bf16")
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+    assert isinstance(with_precision(lambda x, t: x, "bf16"), AutocastEps)  # a plain function works too
+

@@ -108,6 +108,10 @@ def test_discrete_solvers_start_on_the_chain(name):
         (dict(solver="ddpm", t_star=0.1234), "multiple of 1/1000"),
         (dict(solver="ddim", t_star=0.1, steps=101), "steps must be in"),
         (dict(solver="ddim", t_star=0.1, eta=-1.0), "eta"),
+        (dict(solver="ddim", t_star=0.1, eta=float("nan")), "eta"),  # NaN passed `eta < 0` and gave NaN images
+        (dict(solver="ddim", t_star=0.1, eta=float("inf")), "eta"),
+        (dict(solver="sde", t_star=True), "t_star"),  # a bool is not the number 1
+        (dict(solver="sde", t_star=0.1, steps=True), "steps"),
         (dict(solver="sde", t_star=0.1, eta=0.5), "takes no options"),
     ],
 )
