@@ -13,7 +13,8 @@ Versions, as in the AutoAttack paper's code:
     standard: APGD-CE, APGD-T (9 target classes), FAB-T (9 target classes), Square (5000 queries); each
               with one restart, 100 iterations. For deterministic models.
     rand:     APGD-CE and APGD-DLR with 20 EOT samples, one restart, 100 iterations. For randomized ones.
-Each attack runs only on the images that no earlier attack has broken.
+Each attack runs only on the images that no earlier attack has broken; APGD on all of them, submitting its
+fooling and its highest-loss iterates (`_candidates`).
 """
 import contextlib
 from dataclasses import dataclass, field
@@ -60,12 +61,34 @@ def autoattack(model, x, y, *, norm="linf", eps=None, version="rand", n_classes=
         if len(remaining) == 0:
             break
         with _modes_preserved(model):
-            candidates = attack(x[remaining], y[remaining]).detach()
-        broken = ~judge(candidates, y[remaining])
-        x_adv[remaining[broken]] = candidates[broken]
-        robust[remaining[broken]] = False
+            candidates = _candidates(attack, x[remaining], y[remaining])
+        for candidate in candidates:  # each judged on the images no earlier candidate broke
+            left = robust[remaining]
+            if not left.any():
+                break
+            broken = torch.zeros_like(left)
+            broken[left] = ~judge(candidate[left], y[remaining][left])
+            x_adv[remaining[broken]] = candidate[broken]
+            robust[remaining[broken]] = False
         stages.append((name, int(robust.sum())))
     return AutoAttackResult(x_adv, robust, stages)
+
+
+def _candidates(attack, x, y):
+    """The adversarial images an attack submits to the judge.
+
+    torchattacks' APGD (like AutoAttack's own) attacks only the images one forward gets right and returns the
+    clean image wherever none of its forwards was fooled. That is right for a deterministic model; for a
+    randomized defense the one forward decides nothing, and the iterate of highest (EOT-averaged) loss is a
+    better candidate than the clean image. So APGD runs here on every image still robust, one run as
+    AutoAttack's single restart, and submits both its fooling iterate (its random start where none fooled)
+    and its highest-loss iterate. Other attacks submit what they return."""
+    apgd = import_torchattacks().APGD
+    if not isinstance(attack, apgd):
+        return [attack(x, y).detach()]
+    torch.random.manual_seed(attack.seed)  # as APGD.perturb does before its restarts
+    highest_loss, _, _, fooling = attack.attack_single_run(x.clone(), y.clone())
+    return [fooling.detach(), highest_loss.detach()]
 
 
 def _ensemble(model, version, norm, eps, n_classes, iterations, eot, square_queries, seed):

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from rdp_core.attacks import autoattack, predict_votes
 
@@ -42,3 +43,33 @@ def test_the_attacked_model_keeps_every_module_mode(resnet20, test_images, noisy
     wrapper = noisy_logits(resnet20, 0.1)  # a fresh nn.Module: training=True, the classifier inside in eval
     autoattack(wrapper, x, y, version="rand", iterations=2, eot=1)
     assert wrapper.training and not any(m.training for m in resnet20.modules())
+
+
+class _WrongAtFirst(torch.nn.Module):
+    """Negated logits on the first forward after `reset`: a randomized model's unlucky draw, made repeatable."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x):
+        self.calls += 1
+        logits = self.model(x)
+        return -logits if self.calls == 1 else logits
+
+
+def test_apgd_attacks_the_images_one_forward_gets_wrong(resnet20, test_images):
+    # torchattacks' APGD decides from one forward which images to attack and returns the clean image for the
+    # others: for a randomized defense that forward decides nothing. The ensemble runs APGD on every image.
+    from rdp_core.attacks.autoattack import _candidates, import_torchattacks
+
+    x, y = (t[:4] for t in test_images)
+    assert (resnet20(x).argmax(1) == y).all()
+    model = _WrongAtFirst(resnet20)
+    apgd = import_torchattacks().APGD(model, norm="Linf", eps=8 / 255, steps=5, n_restarts=1, seed=0, loss="ce")
+    assert torch.equal(apgd(x, y), x)  # the stock path: nothing attacked
+    model.calls = 1  # from here on the model is right on the clean images: only that first draw was unlucky
+    fooling, highest_loss = _candidates(apgd, x, y)
+    for candidate in (fooling, highest_loss):
+        assert (candidate - x).abs().max() <= 8 / 255 + 1e-6 and (candidate != x).flatten(1).any(1).all()
+    assert (resnet20(fooling).argmax(1) != y).sum() >= 3  # and the attack works (5 steps: 3 of 4 fooled)
