@@ -28,7 +28,7 @@ from rdp_core.data import default_root, load_cifar10
 from rdp_core.evaluation import ATTACKS, DEFENSES, EvalConfig, evaluate
 from rdp_core.evaluation.compare import write_comparison
 from rdp_core.evaluation.distributed import init_from_env, shutdown
-from rdp_core.evaluation.runner import device_name
+from rdp_core.evaluation.runner import device_name, summarize_again
 from rdp_core.guidance.objectives import SCHEDULES
 from rdp_core.guidance.trades import TradesConfig, train_auxiliary
 from rdp_core.models import GaussianEpsModel, load_cifar_resnet, load_classifier
@@ -51,6 +51,7 @@ def main(argv=None):
     _add_train_guidance_command(commands)
     _add_eval_command(commands)
     _add_compare_command(commands)
+    _add_summarize_command(commands)
     args = parser.parse_args(argv)
     args.command_line = " ".join(["rdp-core"] + list(sys.argv[1:] if argv is None else argv))
     return args.run(args)
@@ -242,6 +243,23 @@ def _add_compare_command(commands):
                    help="an image is robust when all its purifications are right (default) or most of them")
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
     p.set_defaults(run=run_compare)
+
+
+def _add_summarize_command(commands):
+    p = commands.add_parser("summarize", help="rewrite the summary of eval folders from their records (a run in "
+                            "progress, or runs read under a newer rule), keeping each run's own provenance")
+    p.add_argument("runs", nargs="+", type=Path, help="rdp-core eval output folders")
+    p.set_defaults(run=run_summarize)
+
+
+def run_summarize(args):
+    for run in args.runs:
+        try:
+            summary = summarize_again(run)
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"rdp-core summarize: {error}") from None
+        print(f"{run}: {summary['n_images']} images; wrote summary.json, summary.md and accuracy_vs_eps.png")
+    return 0
 
 
 def run_compare(args):

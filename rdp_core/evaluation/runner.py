@@ -27,7 +27,7 @@ from rdp_core.api import Purifier
 from rdp_core.attacks import autoattack, pgd_eot, predict_votes
 from rdp_core.attacks.pgd import DEFAULT_EPS, LINF_STEP, NORMS, default_step_size
 from rdp_core.evaluation import distributed
-from rdp_core.evaluation.records import RecordStore, eps_key, verdicts
+from rdp_core.evaluation.records import CONFIG_FILE, RecordStore, eps_key, verdicts
 from rdp_core.evaluation.summary import markdown, plot_accuracy_vs_eps, summarize
 from rdp_core.guidance import load_auxiliary
 from rdp_core.models.default import load_default_eps_model
@@ -139,16 +139,39 @@ def evaluate(config, classifier, eps_model=None, out_dir="runs/eval", *, images=
     return write_summary(out_dir, _config_dict(config), records, code)
 
 
-def write_summary(out_dir, config, records, code=None):
+def write_summary(out_dir, config, records, code=None, provenance=None):
+    """summary.json, summary.md and accuracy_vs_eps.png of `records`; provenance (command, date, device, code)
+    is this process's unless given."""
     out_dir = Path(out_dir)
     summary = summarize(records, config["norm"])
-    provenance = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "device": device_name(torch.device(config["device"])), "code": code or code_version()}
+    provenance = provenance or _provenance(config, code)
     (out_dir / "summary.json").write_text(json.dumps({**provenance, "config": config, **summary}, indent=2))
     (out_dir / "summary.md").write_text(markdown(summary, config))
     plot_accuracy_vs_eps(summary, config, out_dir / "accuracy_vs_eps.png")
     return summary
+
+
+def summarize_again(out_dir):
+    """Rewrites an evaluation's summary from its config and records (after a change in how records are read or
+    summarised, or to look at a run in progress), keeping the provenance of the run that made the records and
+    adding that of this summary under "summarized"."""
+    out_dir = Path(out_dir)
+    config_path, summary_path = out_dir / CONFIG_FILE, out_dir / "summary.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{out_dir} is not an rdp-core eval folder: no {CONFIG_FILE}")
+    config = json.loads(config_path.read_text())
+    records = [r for r in RecordStore(out_dir).read_all() if r["index"] < config["n_images"]]
+    if not records:
+        raise ValueError(f"{out_dir} holds no records")
+    earlier = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    run = {k: earlier[k] for k in ("command", "date", "device", "code") if k in earlier}
+    return write_summary(out_dir, config, records, provenance={**run, "summarized": _provenance(config)})
+
+
+def _provenance(config, code=None):
+    return {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": device_name(torch.device(config["device"])), "code": code or code_version()}
 
 
 @dataclasses.dataclass

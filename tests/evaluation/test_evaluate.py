@@ -153,3 +153,26 @@ def test_results_name_the_gpu_and_the_code_that_made_them(monkeypatch):
         assert len(code["git_commit"]) == 40 and isinstance(code["git_dirty"], bool)
     else:
         assert "git_commit" not in code
+
+
+def test_summarize_rewrites_a_summary_from_the_records_and_keeps_the_runs_provenance(resnet20, test_images,
+                                                                                    tmp_path):
+    from rdp_core.cli import main
+
+    x, y = test_images
+    evaluate(EvalConfig(defense="none", n_images=3, **QUICK), resnet20, out_dir=tmp_path, images=x, labels=y,
+             progress=False)
+    before = json.loads((tmp_path / "summary.json").read_text())
+    # A record as an older rule wrote it: the summary follows the votes, not the stored flag.
+    path = next((tmp_path / "records").glob("*.jsonl"))
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    clean = next(r for r in lines if r["kind"] == "clean" and r["correct_all"])
+    clean["votes"] = [(clean["label"] + 1) % 10] * len(clean["votes"])
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert main(["summarize", str(tmp_path)]) == 0
+    after = json.loads((tmp_path / "summary.json").read_text())
+    assert after["command"] == before["command"] and after["date"] == before["date"]
+    assert set(after["summarized"]) == {"command", "date", "device", "code"}
+    assert after["clean"]["correct"] == before["clean"]["correct"] - 1
+    with pytest.raises(SystemExit, match="not an rdp-core eval folder"):
+        main(["summarize", str(tmp_path / "nothing")])
