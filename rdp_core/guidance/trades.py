@@ -76,11 +76,14 @@ def train_auxiliary(config, data_root, out_dir, resume=False, progress=True, dev
     net = CifarResNet(config.depth).to(device).train()
     optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    step = _resume(out_dir, net, optimizer) if resume else 0
+    step, elapsed = _resume(out_dir, net, optimizer) if resume else (0, 0.0)
     generator = torch.Generator().manual_seed(config.seed + step)
     log = open(out_dir / "train_log.jsonl", "a")
     log.write(json.dumps({"start_step": step, "command": command}) + "\n")
-    start, start_step, running = time.time(), step, None
+    # The budget (and with it the cosine schedule) is the whole run's: a resumed run continues the clock of
+    # the one it resumes instead of restarting the learning rate at its peak.
+    start, start_step, running = time.time() - elapsed, step, None
+    last_save = time.time()
     bar = _progress_bar(config, progress, start_step)
     while not _done(config, step, start):
         x, y = _augmented_batch(images, labels, config.batch_size, generator)
@@ -99,9 +102,11 @@ def train_auxiliary(config, data_root, out_dir, resume=False, progress=True, dev
                                   "lr": optimizer.param_groups[0]["lr"],
                                   "elapsed_s": round(time.time() - start, 1)}) + "\n")
             log.flush()
+        if time.time() - last_save > 60:  # what --resume continues from after a crash or Ctrl-C
+            _save_checkpoint(out_dir, net, optimizer, step, time.time() - start)
+            last_save = time.time()
     bar.close()
-    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
-               out_dir / "checkpoint.pt")
+    _save_checkpoint(out_dir, net, optimizer, step, time.time() - start)
     accuracies = evaluate_auxiliary(net.eval(), data_root, config, device, progress)
     log.write(json.dumps({"step": step, **accuracies}) + "\n")
     log.close()
@@ -155,8 +160,17 @@ def _save(out_dir, config, net, step, accuracies, command):
     return path
 
 
+def _save_checkpoint(out_dir, net, optimizer, step, elapsed):
+    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "elapsed_s": elapsed}, out_dir / "checkpoint.pt")
+
+
 def _resume(out_dir, net, optimizer):
-    state = torch.load(out_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    """(step, seconds of training so far) of OUT/checkpoint.pt, loaded into net and optimizer."""
+    path = out_dir / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint to continue from at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"])
+    return int(state["step"]), float(state.get("elapsed_s", 0.0))
