@@ -65,7 +65,7 @@ def test_apgd_attacks_the_images_one_forward_gets_wrong(resnet20, test_images):
 
     x, y = (t[:4] for t in test_images)
     assert (resnet20(x).argmax(1) == y).all()
-    model = _WrongAtFirst(resnet20)
+    model = _WrongAtFirst(resnet20).eval()  # else torchattacks calls train() on it, and so on the shared ResNet
     apgd = import_torchattacks().APGD(model, norm="Linf", eps=8 / 255, steps=5, n_restarts=1, seed=0, loss="ce")
     assert torch.equal(apgd(x, y), x)  # the stock path: nothing attacked
     model.calls = 1  # from here on the model is right on the clean images: only that first draw was unlucky
