@@ -4,6 +4,7 @@ Root lookup: the `root` argument, else $RDP_CORE_DATA, else ~/.cache/rdp_core/da
 folder that contains `cifar-10-batches-py/` or that folder itself. The pickles are read with an unpickler
 that can build numpy arrays and nothing else, so a tampered file cannot execute code.
 """
+import numbers
 import os
 import pickle
 from pathlib import Path
@@ -34,7 +35,7 @@ def load_cifar10(split="test", root=None, dtype=torch.uint8, limit=None):
     `dtype` torch.uint8 gives raw pixels; a floating dtype gives values in [0, 1]. "train" reads whichever
     data_batch_* files are present (at least one). `limit` keeps the first `limit` images.
     """
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
         raise ValueError(f"limit must be a positive number of images or None, got {limit!r}")
     folder = cifar10_folder(root)
     files = _split_files(folder, split)
