@@ -62,6 +62,11 @@ class RecordStore:
                 records.append(record)
         return records
 
+    def read_first(self, n_images):
+        """The records of the first n_images images: a run resumed with a smaller --n-images than an earlier one
+        wrote is summarised over the images asked for."""
+        return [r for r in self.read_all() if r["index"] < n_images]
+
     def done_keys(self):
         return {record_key(r) for r in self.read_all()}
 

@@ -134,9 +134,7 @@ def evaluate(config, classifier, eps_model=None, out_dir="runs/eval", *, images=
     distributed.barrier()
     if rank != 0:
         return None
-    # A resumed run may ask for fewer images than an earlier one wrote: the summary is of the images asked for.
-    records = [r for r in store.read_all() if r["index"] < config.n_images]
-    return write_summary(out_dir, _config_dict(config), records, code)
+    return write_summary(out_dir, _config_dict(config), store.read_first(config.n_images), code)
 
 
 def write_summary(out_dir, config, records, code=None, provenance=None):
@@ -160,7 +158,7 @@ def summarize_again(out_dir):
     if not config_path.is_file():
         raise FileNotFoundError(f"{out_dir} is not an rdp-core eval folder: no {CONFIG_FILE}")
     config = json.loads(config_path.read_text())
-    records = [r for r in RecordStore(out_dir).read_all() if r["index"] < config["n_images"]]
+    records = RecordStore(out_dir).read_first(config["n_images"])
     if not records:
         raise ValueError(f"{out_dir} holds no records")
     earlier = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
