@@ -235,8 +235,9 @@ def _guidance_key(guidance):
 
 
 def _key(reverse, x_t, guidance, reference, *extra):
-    # RDP_CORE_BACKEND is read at every op call, eagerly; a graph recorded the kernels of the backend of its capture.
-    return (_math_flags(), _backend.environment_backend(), type(reverse).__name__, tuple(reverse.model_times), reverse.start_alpha_bar,
+    # RDP_CORE_BACKEND is read at every eager op call; a graph replays the kernels of its capture's backend.
+    return (_math_flags(), _backend.environment_backend(), type(reverse).__name__, tuple(reverse.model_times),
+            reverse.start_alpha_bar,
             tuple(tuple(c) for c in getattr(reverse, "_coefs", ())), id(getattr(reverse, "_schedule", None)),
             getattr(reverse, "clip_denoised", None), tuple(x_t.shape), x_t.dtype, x_t.device,
             _guidance_key(guidance),

@@ -41,5 +41,6 @@ def test_memory_format_of():
     x = torch.randn(2, 4, 3, 3)
     assert memory_format_of(x) is torch.contiguous_format
     assert memory_format_of(x.contiguous(memory_format=torch.channels_last)) is torch.channels_last
-    assert memory_format_of(torch.randn(2, 1, 3, 3).contiguous(memory_format=torch.channels_last)) is torch.contiguous_format
+    one_channel = torch.randn(2, 1, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert memory_format_of(one_channel) is torch.contiguous_format
     assert memory_format_of(x[:, :, :, :2]) is torch.contiguous_format  # neither: a plain copy is the default
