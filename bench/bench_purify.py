@@ -12,6 +12,8 @@ Providers, on one model object and one batch of images:
 - rdp-graphed-bf16: graphed, `precision="bf16"` (model under autocast, sampler state in float32).
 - rdp-graphed-bf16-cl (GPU): the same with the model's weights, and so its activations, in channels-last
   memory: cuDNN's convolutions without their NCHW<->NHWC transposes, the Triton norms reading NHWC in place.
+- rdp-graphed-bf16-autocast (GPU): graphed, the model under plain autocast, which casts every weight at every
+  forward: what precision="bf16" ran before it kept its weight casts (rdp_core.sampling.precision).
 
 GPU (skipped without CUDA): the DDPM++ CIFAR-10 config (61.8M parameters, random weights: the time does
 not depend on them) at batch 1, 64 and 256. CPU (always): the default model's size at batch 4, torchsde
@@ -36,7 +38,7 @@ from rdp_core.train import CPU_MODEL
 
 T_STAR, STEPS = 0.1, 100
 GPU_PROVIDERS = ["torchsde-fp32", "rdp-eager-fp32", "rdp-graphed-fp32", "rdp-graphed-tf32", "rdp-graphed-bf16",
-                 "rdp-graphed-bf16-cl"]
+                 "rdp-graphed-bf16-cl", "rdp-graphed-bf16-autocast"]
 CPU_PROVIDERS = ["torchsde-fp32", "rdp-eager-fp32"]
 
 
@@ -56,6 +58,25 @@ def _channels_last_model(device):
     return copy.deepcopy(_model(device)).to(memory_format=torch.channels_last)
 
 
+class _AutocastEveryCall(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.model(x, t).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _autocast_every_call_model(device):
+    return _AutocastEveryCall(_model(device))
+
+
+# Suffixes that run the provider they follow on another model object (CUDA graphs are cached per model).
+_MODEL_VARIANTS = {"-cl": _channels_last_model, "-autocast": _autocast_every_call_model}
+
+
 @contextlib.contextmanager
 def _tf32(allowed):
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -71,7 +92,8 @@ def _runner(provider, model, x):
         torchsde = pytest.importorskip("torchsde", reason="pip install torchsde to compare with DiffPure's sampler")
         return lambda: torchsde_purify(torchsde, model, x, T_STAR)
     graphs = None if x.is_cuda and "graphed" in provider else False
-    precision = "bf16" if provider.endswith("bf16") else "fp32"
+    # A model that runs its own autocast is given as it is: with_precision would keep its weight casts.
+    precision = "bf16" if provider.endswith("bf16") and not isinstance(model, _AutocastEveryCall) else "fp32"
     tf32 = provider.endswith(("tf32", "bf16"))
 
     def run():
@@ -113,10 +135,10 @@ def _bf16_matmul_tflops(device):
 def _bench(timed, benchmark, device, provider, batch):
     device = torch.device(device)
     benchmark.group = f"purify-t0.1-sde{STEPS}-{device.type}-batch{batch}"
-    channels_last = provider.endswith("-cl")  # a memory layout on top of the provider it names
-    model = (_channels_last_model if channels_last else _model)(str(device))
+    variant = next((suffix for suffix in _MODEL_VARIANTS if provider.endswith(suffix)), "")
+    model = _MODEL_VARIANTS.get(variant, _model)(str(device))
     x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
-    run = _runner(provider.removesuffix("-cl"), model, x)
+    run = _runner(provider.removesuffix(variant), model, x)
     run()  # warm-up: graph capture, Triton autotuning, cuDNN algorithm choice
     seconds = timed(run, device, provider=provider, batch=batch)
     if seconds is None:

@@ -10,8 +10,10 @@
 #   with .whl carried (the kernel and graph tests by name; the adjoint with its every-state default, with block
 #   checkpointing against the 3x memory target, and graphed; the kernels' graph timings)
 #   then STEPS="purify profile" PURIFY_BATCHES="256 64" PURIFY_PROVIDERS="bf16" bash bench/gpu_check.sh
-#   (rdp-graphed-bf16 since the attention block keeps an NCHW model NCHW, against 3.174 s and 1.032 s before,
-#   beside its channels-last row rdp-graphed-bf16-cl; the profile says which layout the GPU should default to)
+#   (rdp-graphed-bf16 since the attention block keeps an NCHW model NCHW and bf16 keeps its weight casts,
+#   against 3.174 s and 1.032 s before, beside its channels-last row rdp-graphed-bf16-cl and
+#   rdp-graphed-bf16-autocast, which casts the weights at every forward as before; the profile says which
+#   layout the GPU should default to)
 #   STEPS=grad GRAD_PROVIDERS="rdp-adjoint torchsde-adjoint" bash bench/gpu_check.sh   (some gradient providers)
 #   STEPS=precision bash bench/gpu_check.sh, with .gpu_data carried too: what bf16 changes in the purified
 #   images and the ResNet-56's predictions against fp32 with the same noise (issue 8's accuracy effect).
@@ -67,7 +69,7 @@ for s in $STEPS; do case $s in
   # kernel (its smallest config) instead of up to four; one test turns autotuning back on to sign off the
   # tuned configs.
   tests) step 300 env RDP_CORE_TRITON_AUTOTUNE=0 "${TESTS[@]}" tests/kernels/test_models_on_gpu.py \
-        tests/sampling/test_graphs.py tests/kernels --junitxml="$OUT/tests.xml" ;;
+        tests/sampling/test_graphs.py tests/sampling/test_precision.py tests/kernels --junitxml="$OUT/tests.xml" ;;
   graphs) step 120 "${TESTS[@]}" tests/sampling/test_graphs.py --junitxml="$OUT/graphs.xml" ;;
   # Batch 256 first: the issue's targets are at that batch.
   # PURIFY_BATCHES / PURIFY_PROVIDERS (a -k expression) narrow it, e.g. PURIFY_BATCHES=256

@@ -19,8 +19,8 @@ Used by `purify` on CUDA for results that need no graph (grad="none" or "bpda", 
 H200 they equalled eager bit for bit under deterministic cuDNN); the adjoint is captured only on request
 (graphs=True) until its guided GPU test in tests/sampling/test_graphs.py has passed; on the CPU those tests
 run everything but the capture itself. Graphs live as long as their model, and no longer than its
-parameters and buffers stay where they were at capture (moving them drops its graphs; AGDM's auxiliary
-network's addresses are part of the key).
+parameters and buffers stay where and as they were at capture (moving them, or a tracked in-place edit such
+as load_state_dict, drops its graphs; AGDM's auxiliary network's are part of the key).
 """
 import itertools
 import os
@@ -34,6 +34,7 @@ from rdp_core import _backend
 from rdp_core.sampling.adjoint import (adjoint_from_checkpoints, default_checkpoint_every,
                                        solve_keeping_checkpoints)
 from rdp_core.sampling.noise import guidance_draw, guidance_step
+from rdp_core.sampling.precision import tensor_version
 
 _CACHE = weakref.WeakKeyDictionary()  # model -> (its tensors' addresses, {key: GraphedSolve or GraphedAdjoint})
 WARMUP_RUNS = 2
@@ -209,11 +210,14 @@ def _math_flags():
 
 
 def _addresses(module):
-    """Where a module's parameters and buffers live. A graph reads its weights at the addresses they had at
-    capture: after `model.cpu().cuda()` or `param.data = ...` it would replay freed memory, silently."""
+    """Where a module's parameters and buffers live, and their versions. A graph reads its weights at the
+    addresses they had at capture: after `model.cpu().cuda()` or `param.data = ...` it would replay freed
+    memory, silently. The versions count tracked in-place changes (load_state_dict, optimizer steps): a
+    bf16 wrapper's graph reads weights it cast at capture (rdp_core.sampling.precision), so after such a change
+    it is captured again."""
     if not isinstance(module, nn.Module):
         return ()
-    return tuple(t.data_ptr() for t in itertools.chain(module.parameters(), module.buffers()))
+    return tuple((t.data_ptr(), tensor_version(t)) for t in itertools.chain(module.parameters(), module.buffers()))
 
 
 def _graphs_of(model):

@@ -99,10 +99,10 @@ def _count_captures(monkeypatch):
 
 
 @pytest.mark.parametrize("guidance", [None, "agdm"])
-def test_reallocated_weights_build_a_new_graph_and_in_place_edits_do_not(monkeypatch, guidance):
+def test_moved_or_edited_weights_build_a_new_graph(monkeypatch, guidance):
     # A graph reads the weights at their addresses at capture time: after model.cpu().cuda() or `p.data = ...`
-    # a replay would read freed memory. In-place edits (load_state_dict, an optimizer step) are seen by the
-    # replay and need no new graph. Likewise for AGDM's auxiliary network.
+    # a replay would read freed memory. A tracked in-place edit (load_state_dict, an optimizer step) builds a
+    # new graph too: a bf16 wrapper's graph reads the casts it made at capture. Likewise for AGDM's network.
     use_stand_in_capture(monkeypatch)
     captures = _count_captures(monkeypatch)
     model, x = _tiny_model(), torch.rand(2, 3, 32, 32)
@@ -113,16 +113,18 @@ def test_reallocated_weights_build_a_new_graph_and_in_place_edits_do_not(monkeyp
         _purified(x, model, 0, t_star=0.003, steps=2, graphs=True, **options)
 
     purify()
+    purify()
+    assert len(captures) == 1
     with torch.no_grad():
         next(model.parameters()).mul_(1.5)
     purify()
-    assert len(captures) == 1
+    assert len(captures) == 2
     moved = [model] if guidance is None else [model, network]
     for module in moved:
         for p in module.parameters():
             p.data = p.data.clone()  # the same values at new addresses
         purify()
-    assert len(captures) == 1 + len(moved)
+    assert len(captures) == 2 + len(moved)
     assert cached_graphs(model) == (1 if guidance is None else 2)  # the model's own move dropped its old graphs
 
 
@@ -200,6 +202,17 @@ def test_a_model_moved_off_the_gpu_and_back_is_not_replayed_from_freed_memory():
             p.mul_(1.5)
     model.cuda()
     assert torch.equal(_purified(x, model, 0, graphs=True), _purified(x, model, 0, graphs=False))
+
+
+@needs_cuda
+def test_a_bf16_graph_follows_weights_edited_in_place():
+    # The bf16 wrapper keeps its casts of the weights, and a graph reads the casts made at its capture: after
+    # load_state_dict a replay of that graph would still purify with the old weights.
+    model, x = _model(), torch.rand(2, 3, 32, 32, device="cuda")
+    _purified(x, model, 0, graphs=True, precision="bf16")
+    model.load_state_dict({k: v * 1.5 if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    assert torch.equal(_purified(x, model, 0, graphs=True, precision="bf16"),
+                       _purified(x, model, 0, graphs=False, precision="bf16"))
 
 
 @needs_cuda
