@@ -24,6 +24,7 @@ copies take half the memory of the float32 weights they copy.
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The wrappers are kept on the model itself, in a plain dict attribute (not a submodule, so the module tree and
@@ -33,7 +34,10 @@ _ATTRIBUTE = "_rdp_core_precision_wrappers"
 
 
 def _storage_key(tensor):
-    return tensor.device, tensor.untyped_storage().data_ptr()
+    try:
+        return tensor.device, tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (sparse, some subclasses)
+        return None
 
 
 def tensor_version(tensor):
@@ -53,18 +57,23 @@ class _CastRecorder(TorchDispatchMode):
     def __init__(self, parameters, dtype):
         super().__init__()
         self.by_storage = {_storage_key(p): name for name, p in parameters.items()}
+        self.by_storage.pop(None, None)
         self.dtype, self.cast, self.read_uncast = dtype, set(), set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        names = {self.by_storage.get(_storage_key(a)) for a in args if isinstance(a, torch.Tensor)} - {None}
-        if not names:
-            return out
-        if func.overloadpacket in _CASTS and isinstance(out, torch.Tensor) and out.dtype == self.dtype:
-            self.cast |= names
-        elif not (isinstance(out, torch.Tensor) and _storage_key(out) == _storage_key(args[0])):
-            self.read_uncast |= names  # views (t, unsqueeze, expand...) share the parameter's storage
+        outputs = {_storage_key(o) for o in tree_leaves(out) if isinstance(o, torch.Tensor)}
+        cast = func.overloadpacket in _CASTS and isinstance(out, torch.Tensor) and out.dtype == self.dtype
+        for tensor in tree_leaves((args, kwargs)):
+            key = _storage_key(tensor) if isinstance(tensor, torch.Tensor) else None
+            name = self.by_storage.get(key) if key is not None else None
+            if name is None:
+                continue
+            if cast:
+                self.cast.add(name)
+            elif key not in outputs:  # views of a parameter (t, unsqueeze, expand...) share its storage
+                self.read_uncast.add(name)
         return out
 
 

@@ -146,12 +146,21 @@ class ReadsAWeightTwice(torch.nn.Module):
         return self.other(self.linear(x)) + self.linear.weight.sum() * 1e-3
 
 
-def test_a_weight_also_read_uncast_is_not_kept():
-    model, x = _randomized(ReadsAWeightTwice()), torch.randn(4, 16)
+class AddsABiasInPlace(ReadsAWeightTwice):
+    """other.bias goes to a bf16 matmul and, in place, to a float32 sum (the result's storage is not the bias')."""
+
+    def forward(self, x, t):
+        return self.linear(self.other(x).float().add_(self.other.bias))
+
+
+@pytest.mark.parametrize("module, kept", [(ReadsAWeightTwice, ["linear.bias", "other.bias", "other.weight"]),
+                                          (AddsABiasInPlace, ["linear.bias", "linear.weight", "other.weight"])])
+def test_a_weight_also_read_uncast_is_not_kept(module, kept):
+    model, x = _randomized(module()), torch.randn(4, 16)
     wrapped = AutocastEps(model, torch.bfloat16)
     with torch.no_grad():
         wrapped(x, None)
-        assert wrapped._casts["cpu"].names == ["linear.bias", "other.bias", "other.weight"]
+        assert wrapped._casts["cpu"].names == kept
         assert torch.equal(wrapped(x, None), _autocast(model, x, None))
 
 
