@@ -6,7 +6,8 @@
 The models of bench/bench_model.py (score_sde's config, random weights, eval, no gradients), profiled
 once per provider (torch-eager in NCHW, torch-eager-channels-last, rdp in the engine's layout,
 rdp-channels-last) after a
-warm-up, in float32 or under bf16 autocast (what purify(..., precision="bf16") runs). It says how much of a
+warm-up, in float32 or in bf16: torch's providers under autocast, rdp's as purify(..., precision="bf16") runs
+them (autocast, with the weights it casts kept between calls: rdp_core.sampling.precision). It says how much of a
 forward each kind of op takes and, with --top K, the K kernels that take the most time, by name. Last, it
 prints how far each provider's output is from the first one's (the Winograd convolutions round differently
 from the direct ones), relative to the output's largest magnitude.
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+
+from rdp_core.sampling.precision import with_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import _provider_model  # noqa: E402  (the benchmark's models, layouts included)
@@ -39,15 +42,20 @@ def kind_of(name):
     return "other (adds, copies, resampling, ...)"
 
 
-def profile_forward(model, x, t, device, precision):
+def profile_forward(model, x, t, device, precision, engine):
     """(ops, kernels, output) of one profiled forward: the self time (microseconds, by name) of every op and of
     every kernel. On a GPU an op's self device time is that of the kernels it launched, which are listed again
     as kernels: summing both would count every kernel twice, so kinds are read from the ops and the top list
-    from the kernels. On the CPU both are the ops' self CPU time."""
+    from the kernels. On the CPU both are the ops' self CPU time. engine: bf16 as purify runs it."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    if precision == "bf16" and engine:
+        model = with_precision(model, "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16" and not engine)
     with torch.no_grad(), autocast:
-        model(x, t)  # warm-up: Triton compilation and autotuning, cuDNN algorithm choice, allocator
+        # Warm-up: Triton compilation and autotuning, cuDNN algorithm choice, the allocator, and the bf16
+        # wrapper's two first calls (it records which weights autocast casts, then casts them once).
+        for _ in range(2):
+            model(x, t)
         if device.type == "cuda":
             torch.cuda.synchronize()
         with profile(activities=activities) as prof:
@@ -103,7 +111,8 @@ def main():
     outputs = {}
     for provider in providers:
         os.environ["RDP_CORE_BACKEND"] = backends[provider]
-        ops, kernels, out = profile_forward(_provider_model(device, provider), x, t, device, args.precision)
+        ops, kernels, out = profile_forward(_provider_model(device, provider), x, t, device, args.precision,
+                                            engine=provider.startswith("rdp"))
         outputs[provider] = out.double()
         report(provider, backends[provider], ops, kernels, args.top)
     first, *others = providers
