@@ -27,7 +27,7 @@ from rdp_core.api import Purifier
 from rdp_core.attacks import autoattack, pgd_eot, predict_votes
 from rdp_core.attacks.pgd import DEFAULT_EPS, LINF_STEP, NORMS, default_step_size
 from rdp_core.evaluation import distributed
-from rdp_core.evaluation.records import CONFIG_FILE, RecordStore, eps_key, verdicts
+from rdp_core.evaluation.records import CONFIG_FILE, RESUMABLE_CHANGES, RecordStore, eps_key, verdicts
 from rdp_core.evaluation.summary import markdown, plot_accuracy_vs_eps, summarize
 from rdp_core.guidance import load_auxiliary
 from rdp_core.models.default import load_default_eps_model
@@ -158,10 +158,14 @@ def summarize_again(out_dir):
     if not config_path.is_file():
         raise FileNotFoundError(f"{out_dir} is not an rdp-core eval folder: no {CONFIG_FILE}")
     config = json.loads(config_path.read_text())
+    earlier = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    # config.json keeps the first run's settings; a resumed run may have changed the resumable ones (a larger
+    # --n-images), and its summary holds them.
+    last = earlier.get("config", {})
+    config = {**config, **{k: last[k] for k in RESUMABLE_CHANGES if k in last}}
     records = RecordStore(out_dir).read_first(config["n_images"])
     if not records:
         raise ValueError(f"{out_dir} holds no records")
-    earlier = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     run = {k: earlier[k] for k in ("command", "date", "device", "code") if k in earlier}
     return write_summary(out_dir, config, records, provenance={**run, "summarized": _provenance(config)})
 

@@ -176,3 +176,16 @@ def test_summarize_rewrites_a_summary_from_the_records_and_keeps_the_runs_proven
     assert after["clean"]["correct"] == before["clean"]["correct"] - 1
     with pytest.raises(SystemExit, match="not an rdp-core eval folder"):
         main(["summarize", str(tmp_path / "nothing")])
+
+
+def test_summarize_covers_the_images_a_resumed_run_added(resnet20, test_images, tmp_path):
+    # config.json keeps the first run's --n-images; the resumed run's summary says how many it covered.
+    from rdp_core.cli import main
+
+    x, y = test_images
+    for n_images in (2, 3):
+        evaluate(EvalConfig(defense="none", n_images=n_images, **QUICK), resnet20, out_dir=tmp_path, images=x,
+                 labels=y, progress=False, resume=n_images == 3)
+    assert json.loads((tmp_path / "config.json").read_text())["n_images"] == 2
+    assert main(["summarize", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["n_images"] == 3
