@@ -131,6 +131,7 @@ def evaluate(config, classifier, eps_model=None, out_dir="runs/eval", *, images=
                 if todo:
                     store.append(evaluation.run(job, todo, images[todo].to(device), labels[todo].to(device)))
             bar.update(len(indices))
+            bar.refresh()  # batches a resumed run skips pass within tqdm's redraw interval and would not show
     distributed.barrier()
     if rank != 0:
         return None
