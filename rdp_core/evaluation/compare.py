@@ -8,6 +8,12 @@ interval is Newcombe's (1998, method 10: Wilson intervals of the two accuracies 
 correlation), and the exact McNemar test gives the probability of a split of the discordant images at
 least as uneven as b : c if the defenses were equally good.
 
+The two can disagree at the edge (Newcombe's interval is approximate), so an exact interval consistent with
+the test is reported too: given the m = b + c discordant images, b is binomial(m, pi); the Clopper-Pearson
+interval of pi, mapped through (2 pi - 1) m / n, is the conditional exact interval of the difference. It
+excludes 0 exactly when the McNemar p is below 0.05; being conditional on m it says nothing of how many images
+are discordant, so it is the one to read for "is the difference real", Newcombe's for "how large".
+
 The verdicts are the evaluator's: an image counts as robust when every purification of its clean and of its
 attacked version is right ("all votes"), or under a majority vote.
 """
@@ -41,7 +47,7 @@ def load_run(out_dir):
 
 def paired_difference(first, second, z=Z_95):
     """Accuracy of `first` minus that of `second` (booleans per image, same images, same order), in points,
-    with Newcombe's interval and the exact two-sided McNemar p-value."""
+    with Newcombe's interval, the exact two-sided McNemar p-value and the conditional exact interval."""
     if len(first) != len(second) or not first:
         raise ValueError("paired_difference needs two equally long, non-empty lists of verdicts")
     n = len(first)
@@ -57,7 +63,8 @@ def paired_difference(first, second, z=Z_95):
     upper = delta + math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
     return {"difference": 100.0 * delta, "ci95": [100.0 * max(lower, -1.0), 100.0 * min(upper, 1.0)],
             "only_first": only_first, "only_second": only_second, "n": n,
-            "mcnemar_p": mcnemar_p(only_first, only_second)}
+            "mcnemar_p": mcnemar_p(only_first, only_second),
+            "ci95_exact": conditional_exact_interval(only_first, only_second, n)}
 
 
 def _continuity_corrected_phi(a, b, c, d):
@@ -78,6 +85,46 @@ def mcnemar_p(b, c):
         return 1.0
     tail = sum(math.comb(m, k) for k in range(min(b, c) + 1)) / 2.0 ** m
     return min(1.0, 2.0 * tail)
+
+
+def conditional_exact_interval(b, c, n, level=0.95):
+    """The exact interval, in points, of (b - c) / n given b + c: Clopper-Pearson's interval of the share b of
+    the b + c discordant images, mapped through (2 pi - 1)(b + c) / n. None when no image is discordant: the
+    conditional interval would be [0, 0], which reads as a certainty that the test cannot give."""
+    m = b + c
+    if m == 0:
+        return None
+    low, high = clopper_pearson(b, m, level)
+    return [100.0 * (2 * low - 1) * m / n, 100.0 * (2 * high - 1) * m / n]
+
+
+def clopper_pearson(k, m, level=0.95):
+    """(low, high): the exact interval of a binomial proportion from k successes in m trials, each bound the
+    pi at which the tail beyond k holds (1 - level) / 2, found by bisection on the binomial tail."""
+    alpha = (1.0 - level) / 2
+    # P(X >= k; pi) rises with pi, P(X <= k; pi) falls.
+    low = 0.0 if k == 0 else _bisect(lambda pi: 1.0 - _binomial_cdf(k - 1, m, pi) - alpha)
+    high = 1.0 if k == m else _bisect(lambda pi: alpha - _binomial_cdf(k, m, pi))
+    return low, high
+
+
+def _binomial_cdf(k, m, pi):
+    """P(X <= k) for X ~ binomial(m, pi), 0 < pi < 1, summed in log space so that large m cannot overflow."""
+    log_pi, log_rest = math.log(pi), math.log1p(-pi)
+    return sum(math.exp(math.lgamma(m + 1) - math.lgamma(j + 1) - math.lgamma(m - j + 1)
+                        + j * log_pi + (m - j) * log_rest) for j in range(k + 1))
+
+
+def _bisect(increasing, iterations=60):
+    """The root in (0, 1) of a function that rises from negative to positive across it."""
+    low, high = 0.0, 1.0
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        if increasing(middle) < 0:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
 
 
 def compare(out_dirs, verdict="all votes"):
@@ -135,19 +182,20 @@ def markdown(comparison):
     attack = comparison["attack"]
     lines = [f"{attack_text(attack)}, {attack['votes']} purification(s) per verdict, "
              f"verdict: {comparison['verdict']}; differences are paired (same images) against the first row, "
-             "with Newcombe's 95% interval and the exact McNemar p.",
+             "with Newcombe's 95% interval; the last column adds the exact McNemar p and the conditional "
+             "exact 95% interval, which excludes 0 exactly when p < 0.05.",
              ""]
     for row in comparison["rows"]:
         lines += [f"eps {eps_text(row['eps'], attack['norm'])}, {row['n']} images:", "",
                   "| run | defense | clean | robust | clean - baseline | robust - baseline "
-                  "| robust: only this / only baseline, p |",
+                  "| robust: only this / only baseline, p, exact interval |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for run in row["runs"]:
             cells = [_run_name(run), run["defense"], _entry(run["clean"]), _entry(run["robust"])]
             if "robust_vs_baseline" in run:
                 clean_d, robust_d = run["clean_vs_baseline"], run["robust_vs_baseline"]
                 cells += [_difference(clean_d), _difference(robust_d),
-                          f"{robust_d['only_first']} / {robust_d['only_second']}, p = {robust_d['mcnemar_p']:.3g}"]
+                          _discordance(robust_d)]
             else:
                 cells += ["(baseline)", "(baseline)", ""]
             lines.append("| " + " | ".join(cells) + " |")
@@ -165,7 +213,16 @@ def _entry(entry):
 
 
 def _difference(d):
-    return f"{d['difference']:+.2f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"
+    return f"{d['difference']:+.2f} {_interval(d['ci95'])}"
+
+
+def _discordance(d):
+    exact = "no image differs" if d["ci95_exact"] is None else _interval(d["ci95_exact"])
+    return f"{d['only_first']} / {d['only_second']}, p = {d['mcnemar_p']:.3g}, {exact}"
+
+
+def _interval(bounds):
+    return f"[{bounds[0]:+.1f}, {bounds[1]:+.1f}]"
 
 
 def plot(comparison, path):

@@ -4,10 +4,11 @@ import math
 import random
 
 import pytest
-from scipy.stats import binomtest
+from scipy.stats import beta, binomtest
 
 from rdp_core.cli import main
-from rdp_core.evaluation.compare import compare, markdown, mcnemar_p, paired_difference
+from rdp_core.evaluation.compare import (clopper_pearson, compare, conditional_exact_interval, markdown, mcnemar_p,
+                                         paired_difference)
 from rdp_core.evaluation.summary import wilson_interval
 
 
@@ -15,6 +16,39 @@ from rdp_core.evaluation.summary import wilson_interval
 def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs(b, c):
     expected = 1.0 if b + c == 0 else binomtest(b, b + c, 0.5).pvalue
     assert mcnemar_p(b, c) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("k, m", [(0, 1), (1, 1), (0, 7), (3, 7), (7, 7), (9, 11), (40, 70), (300, 600),
+                                  (1, 2000)])
+def test_clopper_pearson_is_the_beta_quantile_interval(k, m):
+    low, high = clopper_pearson(k, m)
+    assert low == (0.0 if k == 0 else pytest.approx(beta.ppf(0.025, k, m - k + 1), rel=1e-9))
+    assert high == (1.0 if k == m else pytest.approx(beta.ppf(0.975, k + 1, m - k), rel=1e-9))
+
+
+def test_the_exact_interval_excludes_zero_exactly_when_mcnemar_rejects():
+    # The property that makes it worth reporting beside Newcombe's: it never contradicts the test.
+    checked = 0
+    for b in range(31):
+        for c in range(31):
+            if b + c == 0:
+                continue
+            low, high = conditional_exact_interval(b, c, 100)
+            assert low <= b - c <= high
+            if abs(mcnemar_p(b, c) - 0.05) > 1e-9:
+                assert (low > 0 or high < 0) == (mcnemar_p(b, c) < 0.05), (b, c)
+                checked += 1
+    assert checked == 960
+
+
+def test_the_exact_interval_scales_the_discordant_share_to_points_of_accuracy():
+    low, high = conditional_exact_interval(9, 2, 80)
+    p_low, p_high = clopper_pearson(9, 11)
+    assert [low, high] == pytest.approx([100 * (2 * p_low - 1) * 11 / 80, 100 * (2 * p_high - 1) * 11 / 80])
+    assert low < 0 < high and mcnemar_p(9, 2) > 0.05  # 80 images, 9 : 2: the split README discusses
+    assert conditional_exact_interval(0, 0, 16) is None
+    first, second = verdicts(both=5, only_first=9, only_second=2, neither=64)
+    assert paired_difference(first, second)["ci95_exact"] == [low, high]
 
 
 def verdicts(both, only_first, only_second, neither):
@@ -42,7 +76,7 @@ def test_without_correlation_the_interval_is_newcombes_unpaired_one():
 def test_identical_verdicts_differ_by_nothing():
     first, _ = verdicts(both=10, only_first=0, only_second=0, neither=6)
     result = paired_difference(first, list(first))
-    assert result["difference"] == 0 and result["mcnemar_p"] == 1.0
+    assert result["difference"] == 0 and result["mcnemar_p"] == 1.0 and result["ci95_exact"] is None
     assert result["ci95"][0] < 0 < result["ci95"][1]
 
 
@@ -121,7 +155,9 @@ def test_compare_command_writes_table_json_and_png(tmp_path, capsys):
     base = write_run(tmp_path / "a", "diffpure", clean=[(True, True)] * 3, attacked=[(False, False)] * 3)
     ours = write_run(tmp_path / "b", "agdm", clean=[(True, True)] * 3, attacked=[(True, True)] * 3)
     assert main(["compare", str(base), str(ours), "--out", str(tmp_path / "cmp")]) == 0
-    assert "+100.00" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    low, _ = conditional_exact_interval(3, 0, 3)
+    assert "+100.00" in out and f"3 / 0, p = 0.25, [{low:+.1f}, +100.0]" in out
     for name in ("comparison.json", "comparison.md", "comparison.png"):
         assert (tmp_path / "cmp" / name).stat().st_size > 0
     with pytest.raises(SystemExit, match="at least two"):
