@@ -83,8 +83,7 @@ def mcnemar_p(b, c):
     m = b + c
     if m == 0:
         return 1.0
-    tail = sum(math.comb(m, k) for k in range(min(b, c) + 1)) / 2.0 ** m
-    return min(1.0, 2.0 * tail)
+    return min(1.0, 2.0 * _binomial_cdf(min(b, c), m, 0.5))
 
 
 def conditional_exact_interval(b, c, n, level=0.95):

@@ -12,7 +12,7 @@ from rdp_core.evaluation.compare import (clopper_pearson, compare, conditional_e
 from rdp_core.evaluation.summary import wilson_interval
 
 
-@pytest.mark.parametrize("b, c", [(0, 0), (3, 0), (7, 2), (12, 12), (1, 9), (30, 18)])
+@pytest.mark.parametrize("b, c", [(0, 0), (3, 0), (7, 2), (12, 12), (1, 9), (30, 18), (600, 500), (2900, 3100)])
 def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs(b, c):
     expected = 1.0 if b + c == 0 else binomtest(b, b + c, 0.5).pvalue
     assert mcnemar_p(b, c) == pytest.approx(expected, rel=1e-12)
