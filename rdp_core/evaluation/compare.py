@@ -22,7 +22,8 @@ import math
 from pathlib import Path
 
 from rdp_core.evaluation.records import CONFIG_FILE, RecordStore
-from rdp_core.evaluation.summary import Z_95, accuracy_entry, attack_text, by_kind, eps_text, wilson_interval
+from rdp_core.evaluation.summary import (Z_95, accuracy_entry, attack_text, by_kind, eps_text, sign_test_p,
+                                        wilson_interval)
 
 VERDICTS = {"all votes": "correct_all", "majority": "correct_majority"}
 # Settings that must agree for two runs to be compared image by image (the defense's own settings may differ).
@@ -83,7 +84,8 @@ def mcnemar_p(b, c):
     m = b + c
     if m == 0:
         return 1.0
-    return min(1.0, 2.0 * _binomial_cdf(min(b, c), m, 0.5))
+    # By symmetry at 1/2 the tail below min(b, c) is the evaluator's one-sided sign test above max(b, c).
+    return min(1.0, 2.0 * sign_test_p(max(b, c), min(b, c)))
 
 
 def conditional_exact_interval(b, c, n, level=0.95):
