@@ -241,6 +241,9 @@ def _add_compare_command(commands):
                    help="rdp-core eval output folders, the baseline first, all attacked the same way")
     p.add_argument("--verdict", choices=("all votes", "majority"), default="all votes",
                    help="an image is robust when all its purifications are right (default) or most of them")
+    p.add_argument("--plan-images", type=int, default=None, metavar="N",
+                   help="also give the power of McNemar's exact test on N images at the observed discordance "
+                   "(and at half its imbalance): how likely a run of N images would settle each difference")
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
     p.set_defaults(run=run_compare)
 
@@ -264,7 +267,7 @@ def run_summarize(args):
 
 def run_compare(args):
     try:
-        write_comparison(args.runs, args.out, args.verdict)
+        write_comparison(args.runs, args.out, args.verdict, args.plan_images)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"rdp-core compare: {error}") from None
     print((args.out / "comparison.md").read_text())

@@ -14,6 +14,11 @@ interval of pi, mapped through (2 pi - 1) m / n, is the conditional exact interv
 excludes 0 exactly when the McNemar p is below 0.05; being conditional on m it says nothing of how many images
 are discordant, so it is the one to read for "is the difference real", Newcombe's for "how large".
 
+For planning the next run, `plan_images` adds the power of that exact test on a larger sample: the
+probability that it rejects at 5% on N images if each image is discordant either way at the rates observed
+here, and again with the observed imbalance halved. The observed rates are estimates, and the imbalance of a
+comparison that caught the eye overestimates the true one (the winner's curse), hence the second figure.
+
 The verdicts are the evaluator's: an image counts as robust when every purification of its clean and of its
 attacked version is right ("all votes"), or under a majority vote.
 """
@@ -46,9 +51,10 @@ def load_run(out_dir):
     return config, pairs
 
 
-def paired_difference(first, second, z=Z_95):
+def paired_difference(first, second, z=Z_95, plan_images=None):
     """Accuracy of `first` minus that of `second` (booleans per image, same images, same order), in points,
-    with Newcombe's interval, the exact two-sided McNemar p-value and the conditional exact interval."""
+    with Newcombe's interval, the exact two-sided McNemar p-value and the conditional exact interval; with
+    `plan_images`, the power of the test on that many images at the observed discordance (see above)."""
     if len(first) != len(second) or not first:
         raise ValueError("paired_difference needs two equally long, non-empty lists of verdicts")
     n = len(first)
@@ -62,10 +68,74 @@ def paired_difference(first, second, z=Z_95):
     delta = p1 - p2
     lower = delta - math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
     upper = delta + math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
-    return {"difference": 100.0 * delta, "ci95": [100.0 * max(lower, -1.0), 100.0 * min(upper, 1.0)],
-            "only_first": only_first, "only_second": only_second, "n": n,
-            "mcnemar_p": mcnemar_p(only_first, only_second),
-            "ci95_exact": conditional_exact_interval(only_first, only_second, n)}
+    difference = {"difference": 100.0 * delta, "ci95": [100.0 * max(lower, -1.0), 100.0 * min(upper, 1.0)],
+                  "only_first": only_first, "only_second": only_second, "n": n,
+                  "mcnemar_p": mcnemar_p(only_first, only_second),
+                  "ci95_exact": conditional_exact_interval(only_first, only_second, n)}
+    if plan_images is not None:
+        difference["power"] = planned_power(only_first, only_second, n, plan_images)
+    return difference
+
+
+def planned_power(b, c, n, images, alpha=0.05):
+    """The power of the exact McNemar test at level `alpha` on `images` images when b and c of n were
+    discordant: at the observed rates, and with the same discordance but half the imbalance."""
+    if images < 1:
+        raise ValueError(f"the planned number of images must be at least 1, got {images}")
+    discordant, half_imbalance = (b + c) / n, (b - c) / (2 * n)
+    return {"images": images, "alpha": alpha,
+            "at_observed_rates": mcnemar_power(images, b / n, c / n, alpha),
+            "at_half_the_imbalance": mcnemar_power(images, (discordant + half_imbalance) / 2,
+                                                   (discordant - half_imbalance) / 2, alpha)}
+
+
+def mcnemar_power(n, p_first, p_second, alpha=0.05):
+    """The probability that the exact two-sided McNemar test rejects at `alpha` (p < alpha, as mcnemar_p
+    computes it) on n images, each right only for the first defense with probability p_first and only for the
+    second with probability p_second: the sum over the number m of discordant images, binomial(n, p_first +
+    p_second), of the binomial(m, p_first / (p_first + p_second)) probability of a rejected split."""
+    if not (0.0 <= p_first and 0.0 <= p_second and p_first + p_second <= 1.0):
+        raise ValueError(f"discordance rates must be probabilities summing to at most 1, got {p_first}, {p_second}")
+    discordant = p_first + p_second
+    if discordant == 0.0:
+        return 0.0
+    share = p_first / discordant
+    power = 0.0
+    for m in range(n + 1):
+        weight = _binomial_pmf(m, n, discordant)
+        # Terms below 1e-17 cannot move the sum of at most n + 1 probabilities at float precision.
+        if weight > 1e-17:
+            power += weight * _rejection_probability(m, share, alpha)
+    return min(power, 1.0)
+
+
+def _rejection_probability(m, share, alpha):
+    """P(the split b : m - b is rejected) for b ~ binomial(m, share): the test rejects b <= k or b >= m - k."""
+    k = _mcnemar_critical_count(m, alpha)
+    if k < 0:
+        return 0.0
+    if share in (0.0, 1.0):
+        return 1.0
+    return _binomial_cdf(k, m, share) + _binomial_cdf(k, m, 1.0 - share)
+
+
+def _mcnemar_critical_count(m, alpha):
+    """The largest k for which the split k : m - k has an exact McNemar p below alpha (-1 if none has)."""
+    k, tail = -1, 0.0
+    while k + 1 <= m // 2:
+        tail += _binomial_pmf(k + 1, m, 0.5)
+        if 2.0 * tail >= alpha:
+            break
+        k += 1
+    return k
+
+
+def _binomial_pmf(j, m, pi):
+    """P(X = j) for X ~ binomial(m, pi), in log space so that large m cannot overflow."""
+    if pi in (0.0, 1.0):
+        return float(j == (m if pi == 1.0 else 0))
+    return math.exp(math.lgamma(m + 1) - math.lgamma(j + 1) - math.lgamma(m - j + 1)
+                    + j * math.log(pi) + (m - j) * math.log1p(-pi))
 
 
 def _continuity_corrected_phi(a, b, c, d):
@@ -110,10 +180,8 @@ def clopper_pearson(k, m, level=0.95):
 
 
 def _binomial_cdf(k, m, pi):
-    """P(X <= k) for X ~ binomial(m, pi), 0 < pi < 1, summed in log space so that large m cannot overflow."""
-    log_pi, log_rest = math.log(pi), math.log1p(-pi)
-    return sum(math.exp(math.lgamma(m + 1) - math.lgamma(j + 1) - math.lgamma(m - j + 1)
-                        + j * log_pi + (m - j) * log_rest) for j in range(k + 1))
+    """P(X <= k) for X ~ binomial(m, pi), 0 < pi < 1."""
+    return sum(_binomial_pmf(j, m, pi) for j in range(k + 1))
 
 
 def _bisect(increasing, iterations=60):
@@ -128,9 +196,10 @@ def _bisect(increasing, iterations=60):
     return (low + high) / 2
 
 
-def compare(out_dirs, verdict="all votes"):
+def compare(out_dirs, verdict="all votes", plan_images=None):
     """The comparison of the evaluations in `out_dirs` (the first is the baseline) on the images all of them
-    attacked: per run its accuracies, per later run its paired differences from the baseline."""
+    attacked: per run its accuracies, per later run its paired differences from the baseline (with the power
+    of McNemar's test on `plan_images` images, if given)."""
     if len(out_dirs) < 2:
         raise ValueError("compare needs at least two evaluation folders")
     if verdict not in VERDICTS:
@@ -148,8 +217,9 @@ def compare(out_dirs, verdict="all votes"):
         rows.append({"eps": eps, "n": len(images), "runs": [
             {"out_dir": name, "defense": _defense_name(config),
              "clean": accuracy_entry(clean), "robust": accuracy_entry(robust),
-             **({} if index == 0 else {"clean_vs_baseline": paired_difference(clean, base_clean),
-                                       "robust_vs_baseline": paired_difference(robust, base_robust)})}
+             **({} if index == 0 else {
+                 "clean_vs_baseline": paired_difference(clean, base_clean, plan_images=plan_images),
+                 "robust_vs_baseline": paired_difference(robust, base_robust, plan_images=plan_images)})}
             for index, ((name, config, _), (clean, robust)) in enumerate(zip(runs, verdicts))]})
     if not rows:
         raise ValueError(f"the runs {list(map(str, out_dirs))} have no attacked image and eps in common")
@@ -200,8 +270,26 @@ def markdown(comparison):
             else:
                 cells += ["(baseline)", "(baseline)", ""]
             lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += [""] + _power_lines(row)
     return "\n".join(lines)
+
+
+def _power_lines(row):
+    planned = [run for run in row["runs"] if "power" in run.get("robust_vs_baseline", {})]
+    if not planned:
+        return []
+    power = planned[0]["robust_vs_baseline"]["power"]
+    lines = [f"Planning: the probability that the exact McNemar test rejects at {power['alpha']:g} on "
+             f"{power['images']} images, at the discordance rates observed here / with half the observed "
+             "imbalance:", ""]
+    for run in planned:
+        clean, robust = run["clean_vs_baseline"]["power"], run["robust_vs_baseline"]["power"]
+        lines.append(f"- {_run_name(run)}: robust {_power_text(robust)}; clean {_power_text(clean)}")
+    return lines + [""]
+
+
+def _power_text(power):
+    return f"{power['at_observed_rates']:.2f} / {power['at_half_the_imbalance']:.2f}"
 
 
 def _run_name(run):
@@ -253,9 +341,9 @@ def plot(comparison, path):
     plt.close(fig)
 
 
-def write_comparison(out_dirs, out, verdict="all votes"):
+def write_comparison(out_dirs, out, verdict="all votes", plan_images=None):
     """compare() written to `out` as comparison.json, comparison.md and comparison.png; returns the dict."""
-    comparison = compare(out_dirs, verdict)
+    comparison = compare(out_dirs, verdict, plan_images)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(comparison, indent=2))

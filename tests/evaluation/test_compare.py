@@ -8,7 +8,7 @@ from scipy.stats import beta, binomtest
 
 from rdp_core.cli import main
 from rdp_core.evaluation.compare import (clopper_pearson, compare, conditional_exact_interval, markdown, mcnemar_p,
-                                         paired_difference)
+                                         mcnemar_power, paired_difference, planned_power)
 from rdp_core.evaluation.summary import wilson_interval
 
 
@@ -49,6 +49,29 @@ def test_the_exact_interval_scales_the_discordant_share_to_points_of_accuracy():
     assert conditional_exact_interval(0, 0, 16) is None
     first, second = verdicts(both=5, only_first=9, only_second=2, neither=64)
     assert paired_difference(first, second)["ci95_exact"] == [low, high]
+
+
+@pytest.mark.parametrize("n, p_first, p_second", [(12, 0.3, 0.05), (20, 0.1, 0.1), (25, 0.02, 0.4), (9, 0.5, 0.5),
+                                                 (15, 0.2, 0.0), (10, 0.0, 0.0)])
+def test_power_is_the_probability_of_a_rejected_split_summed_over_every_outcome(n, p_first, p_second):
+    # Brute force over every (b, c) of n images, each judged by the exact test itself.
+    expected = sum(math.comb(n, b) * math.comb(n - b, c) * p_first ** b * p_second ** c
+                   * (1 - p_first - p_second) ** (n - b - c)
+                   for b in range(n + 1) for c in range(n + 1 - b) if mcnemar_p(b, c) < 0.05)
+    assert mcnemar_power(n, p_first, p_second) == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_power_is_below_the_level_without_a_difference_and_grows_with_the_sample():
+    assert mcnemar_power(3000, 0.07, 0.07) <= 0.05  # the exact test is conservative
+    powers = [mcnemar_power(n, 0.1125, 0.025) for n in (80, 160, 512)]  # 9 : 2 of 80, the README's split
+    assert powers[0] < powers[1] < powers[2] and powers[0] == pytest.approx(0.5, abs=0.2) and powers[2] > 0.999
+    planned = planned_power(9, 2, 80, 512)
+    assert planned["at_half_the_imbalance"] == pytest.approx(mcnemar_power(512, 11 / 160 + 7 / 320, 11 / 160 - 7 / 320))
+    assert planned["at_half_the_imbalance"] < planned["at_observed_rates"]
+    with pytest.raises(ValueError, match="at least 1"):
+        planned_power(9, 2, 80, 0)
+    with pytest.raises(ValueError, match="summing to at most 1"):
+        mcnemar_power(10, 0.7, 0.4)
 
 
 def verdicts(both, only_first, only_second, neither):
@@ -162,6 +185,10 @@ def test_compare_command_writes_table_json_and_png(tmp_path, capsys):
         assert (tmp_path / "cmp" / name).stat().st_size > 0
     with pytest.raises(SystemExit, match="at least two"):
         main(["compare", str(base), "--out", str(tmp_path / "cmp2")])
+    assert main(["compare", str(base), str(ours), "--plan-images", "20", "--out", str(tmp_path / "cmp3")]) == 0
+    power = json.loads((tmp_path / "cmp3" / "comparison.json").read_text())["rows"][0]["runs"][1]
+    assert power["robust_vs_baseline"]["power"]["at_observed_rates"] == pytest.approx(mcnemar_power(20, 1.0, 0.0))
+    assert "on 20 images" in capsys.readouterr().out
 
 
 def test_runs_of_the_same_defense_are_told_apart_by_their_folder(tmp_path):
