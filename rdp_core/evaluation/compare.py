@@ -114,8 +114,6 @@ def _rejection_probability(m, share, alpha):
     k = _mcnemar_critical_count(m, alpha)
     if k < 0:
         return 0.0
-    if share in (0.0, 1.0):
-        return 1.0
     return _binomial_cdf(k, m, share) + _binomial_cdf(k, m, 1.0 - share)
 
 
@@ -180,7 +178,7 @@ def clopper_pearson(k, m, level=0.95):
 
 
 def _binomial_cdf(k, m, pi):
-    """P(X <= k) for X ~ binomial(m, pi), 0 < pi < 1."""
+    """P(X <= k) for X ~ binomial(m, pi)."""
     return sum(_binomial_pmf(j, m, pi) for j in range(k + 1))
 
 
