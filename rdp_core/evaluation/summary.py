@@ -31,7 +31,12 @@ def sign_test_p(rose, fell):
     """One-sided exact sign test: the probability of at least `rose` rises among rose + fell changes that are
     equally likely to go either way."""
     changed = rose + fell
-    return sum(math.comb(changed, k) for k in range(rose, changed + 1)) / 2 ** changed
+    # Each coefficient from the last, C(n, k + 1) = C(n, k) (n - k) / (k + 1): one product a term, not k.
+    term, total = math.comb(changed, rose), 0
+    for k in range(rose, changed + 1):
+        total += term
+        term = term * (changed - k) // (k + 1)
+    return total / 2 ** changed
 
 
 def wilson_interval(successes, n, z=Z_95):
