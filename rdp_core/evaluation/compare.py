@@ -119,13 +119,16 @@ def _rejection_probability(m, share, alpha):
 
 def _mcnemar_critical_count(m, alpha):
     """The largest k for which the split k : m - k has an exact McNemar p below alpha (-1 if none has)."""
-    k, tail = -1, 0.0
-    while k + 1 <= m // 2:
-        tail += _binomial_pmf(k + 1, m, 0.5)
-        if 2.0 * tail >= alpha:
-            break
-        k += 1
-    return k
+    # mcnemar_p(k, m - k) rises with k up to m / 2: bisect for the last k that is rejected, with the test's
+    # own exact arithmetic so that power and test cannot disagree at the boundary.
+    rejected, kept = -1, m // 2 + 1
+    while kept - rejected > 1:
+        middle = (rejected + kept) // 2
+        if mcnemar_p(middle, m - middle) < alpha:
+            rejected = middle
+        else:
+            kept = middle
+    return rejected
 
 
 def _binomial_pmf(j, m, pi):
