@@ -243,7 +243,8 @@ def _add_compare_command(commands):
                    help="an image is robust when all its purifications are right (default) or most of them")
     p.add_argument("--plan-images", type=int, default=None, metavar="N",
                    help="also give the power of McNemar's exact test on N images at the observed discordance "
-                   "(and at half its imbalance): how likely a run of N images would settle each difference")
+                   "(and at half its imbalance), and the images it needs for 80%% power: how likely a run of N "
+                   "images would settle each difference, and how many would")
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
     p.set_defaults(run=run_compare)
 

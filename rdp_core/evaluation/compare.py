@@ -17,11 +17,13 @@ are discordant, so it is the one to read for "is the difference real", Newcombe'
 For planning the next run, `plan_images` adds the power of that exact test on a larger sample: the
 probability that it rejects at 5% on N images if each image is discordant either way at the rates observed
 here, and again with the observed imbalance halved. The observed rates are estimates, and the imbalance of a
-comparison that caught the eye overestimates the true one (the winner's curse), hence the second figure.
+comparison that caught the eye overestimates the true one (the winner's curse), hence the second figure. It
+also gives, at both, how many images (in steps of 16, the evaluator's batch) the test needs for 80% power.
 
 The verdicts are the evaluator's: an image counts as robust when every purification of its clean and of its
 attacked version is right ("all votes"), or under a majority vote.
 """
+import functools
 import json
 import math
 from pathlib import Path
@@ -31,6 +33,8 @@ from rdp_core.evaluation.summary import (Z_95, accuracy_entry, attack_text, by_k
                                         wilson_interval)
 
 VERDICTS = {"all votes": "correct_all", "majority": "correct_majority"}
+# Sample-size planning: the conventional 80% power, in whole batches of the evaluator, up to what a GPU could run.
+TARGET_POWER, IMAGE_STEP, IMAGE_LIMIT = 0.8, 16, 10_000
 # Settings that must agree for two runs to be compared image by image (the defense's own settings may differ).
 SAME_ATTACK = ("attack", "norm", "iterations", "eot", "step_size", "votes", "seed", "classifier", "square_queries")
 
@@ -77,16 +81,41 @@ def paired_difference(first, second, z=Z_95, plan_images=None):
     return difference
 
 
-def planned_power(b, c, n, images, alpha=0.05):
+def planned_power(b, c, n, images, alpha=0.05, target=TARGET_POWER):
     """The power of the exact McNemar test at level `alpha` on `images` images when b and c of n were
-    discordant: at the observed rates, and with the same discordance but half the imbalance."""
+    discordant, and the images it needs for `target` power: at the observed rates, and with the same
+    discordance but half the imbalance."""
     if images < 1:
         raise ValueError(f"the planned number of images must be at least 1, got {images}")
     discordant, half_imbalance = (b + c) / n, (b - c) / (2 * n)
+    rates = {"at_observed_rates": (b / n, c / n),
+             "at_half_the_imbalance": ((discordant + half_imbalance) / 2, (discordant - half_imbalance) / 2)}
     return {"images": images, "alpha": alpha,
-            "at_observed_rates": mcnemar_power(images, b / n, c / n, alpha),
-            "at_half_the_imbalance": mcnemar_power(images, (discordant + half_imbalance) / 2,
-                                                   (discordant - half_imbalance) / 2, alpha)}
+            **{name: mcnemar_power(images, *pair, alpha) for name, pair in rates.items()},
+            "target": target, "images_needed": {name: images_for_power(*pair, target, alpha)
+                                                for name, pair in rates.items()}}
+
+
+def images_for_power(p_first, p_second, target=TARGET_POWER, alpha=0.05, step=IMAGE_STEP, limit=IMAGE_LIMIT):
+    """The number of images, a multiple of `step`, at which the exact McNemar test first reaches `target`
+    power at these discordance rates, or None if it does not by `limit` images (no imbalance, or too little).
+    Found by doubling and bisection; the exact test's power rises with ripples (its discreteness), so a count
+    a step below the one returned can reach the target again: read it as where the power curve crosses."""
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"the target power must lie strictly between 0 and 1, got {target}")
+
+    def reached(units):
+        return mcnemar_power(units * step, p_first, p_second, alpha) >= target
+
+    failed, passed = 0, 1
+    while not reached(passed):
+        if passed * step >= limit:
+            return None
+        failed, passed = passed, min(2 * passed, -(-limit // step))
+    while passed - failed > 1:
+        middle = (failed + passed) // 2
+        failed, passed = (failed, middle) if reached(middle) else (middle, passed)
+    return passed * step
 
 
 def mcnemar_power(n, p_first, p_second, alpha=0.05):
@@ -117,6 +146,7 @@ def _rejection_probability(m, share, alpha):
     return _binomial_cdf(k, m, share) + _binomial_cdf(k, m, 1.0 - share)
 
 
+@functools.lru_cache(maxsize=None)
 def _mcnemar_critical_count(m, alpha):
     """The largest k for which the split k : m - k has an exact McNemar p below alpha (-1 if none has)."""
     # mcnemar_p(k, m - k) rises with k up to m / 2: bisect for the last k that is rejected, with the test's
@@ -281,8 +311,8 @@ def _power_lines(row):
         return []
     power = planned[0]["robust_vs_baseline"]["power"]
     lines = [f"Planning: the probability that the exact McNemar test rejects at {power['alpha']:g} on "
-             f"{power['images']} images, at the discordance rates observed here / with half the observed "
-             "imbalance:", ""]
+             f"{power['images']} images, and the images it needs for {power['target']:.0%} power, at the "
+             "discordance rates observed here / with half the observed imbalance:", ""]
     for run in planned:
         clean, robust = run["clean_vs_baseline"]["power"], run["robust_vs_baseline"]["power"]
         lines.append(f"- {_run_name(run)}: robust {_power_text(robust)}; clean {_power_text(clean)}")
@@ -290,7 +320,13 @@ def _power_lines(row):
 
 
 def _power_text(power):
-    return f"{power['at_observed_rates']:.2f} / {power['at_half_the_imbalance']:.2f}"
+    needed = power["images_needed"]
+    return (f"{power['at_observed_rates']:.2f} / {power['at_half_the_imbalance']:.2f} "
+            f"(needs {_images_text(needed['at_observed_rates'])} / {_images_text(needed['at_half_the_imbalance'])})")
+
+
+def _images_text(images):
+    return f"over {IMAGE_LIMIT:,}" if images is None else f"{images:,}"
 
 
 def _run_name(run):

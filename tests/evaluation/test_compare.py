@@ -7,8 +7,8 @@ import pytest
 from scipy.stats import beta, binomtest
 
 from rdp_core.cli import main
-from rdp_core.evaluation.compare import (clopper_pearson, compare, conditional_exact_interval, markdown, mcnemar_p,
-                                         mcnemar_power, paired_difference, planned_power)
+from rdp_core.evaluation.compare import (clopper_pearson, compare, conditional_exact_interval, images_for_power,
+                                         markdown, mcnemar_p, mcnemar_power, paired_difference, planned_power)
 from rdp_core.evaluation.summary import wilson_interval
 
 
@@ -72,6 +72,27 @@ def test_power_is_below_the_level_without_a_difference_and_grows_with_the_sample
         planned_power(9, 2, 80, 0)
     with pytest.raises(ValueError, match="summing to at most 1"):
         mcnemar_power(10, 0.7, 0.4)
+
+
+@pytest.mark.parametrize("p_first, p_second", [(0.1125, 0.025), (0.05, 0.1375), (0.05, 0.04), (0.3, 0.0)])
+def test_images_for_power_is_where_the_power_crosses_the_target(p_first, p_second):
+    images = images_for_power(p_first, p_second)
+    assert images % 16 == 0
+    assert mcnemar_power(images, p_first, p_second) >= 0.8 > mcnemar_power(images - 16, p_first, p_second)
+    # Connor's (1987) normal approximation, which ignores the exact test's conservatism, needs a little less.
+    discordant, imbalance = p_first + p_second, p_first - p_second
+    connor = (1.959964 * math.sqrt(discordant) + 0.841621 * math.sqrt(discordant - imbalance ** 2)) ** 2 / imbalance ** 2
+    assert connor - 16 <= images <= 1.3 * connor + 16
+
+
+def test_images_for_power_gives_up_without_an_imbalance_and_checks_its_target():
+    assert images_for_power(0.07, 0.07) is None
+    assert images_for_power(0.07, 0.069, limit=2000) is None
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        images_for_power(0.1, 0.0, target=1.0)
+    planned = planned_power(9, 2, 80, 512)
+    assert planned["images_needed"] == {"at_observed_rates": images_for_power(9 / 80, 2 / 80),
+                                        "at_half_the_imbalance": images_for_power(11 / 160 + 7 / 320, 11 / 160 - 7 / 320)}
 
 
 def verdicts(both, only_first, only_second, neither):
@@ -188,7 +209,8 @@ def test_compare_command_writes_table_json_and_png(tmp_path, capsys):
     assert main(["compare", str(base), str(ours), "--plan-images", "20", "--out", str(tmp_path / "cmp3")]) == 0
     power = json.loads((tmp_path / "cmp3" / "comparison.json").read_text())["rows"][0]["runs"][1]
     assert power["robust_vs_baseline"]["power"]["at_observed_rates"] == pytest.approx(mcnemar_power(20, 1.0, 0.0))
-    assert "on 20 images" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "on 20 images" in out and f"(needs {images_for_power(1.0, 0.0)} / " in out
 
 
 def test_runs_of_the_same_defense_are_told_apart_by_their_folder(tmp_path):
