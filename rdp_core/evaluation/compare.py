@@ -97,10 +97,10 @@ def planned_power(b, c, n, images, alpha=0.05, target=TARGET_POWER):
 
 
 def images_for_power(p_first, p_second, target=TARGET_POWER, alpha=0.05, step=IMAGE_STEP, limit=IMAGE_LIMIT):
-    """The number of images, a multiple of `step`, at which the exact McNemar test first reaches `target`
-    power at these discordance rates, or None if it does not by `limit` images (no imbalance, or too little).
-    Found by doubling and bisection; the exact test's power rises with ripples (its discreteness), so a count
-    a step below the one returned can reach the target again: read it as where the power curve crosses."""
+    """A number of images, a multiple of `step`, at which the exact McNemar test's power at these discordance
+    rates reaches `target` while `step` fewer images fall short, or None if `limit` images fall short (no
+    imbalance, or too little). Found by doubling and bisection; the exact test's power rises with ripples (its
+    discreteness), so a smaller count may also reach the target: read it as where the power curve crosses."""
     if not 0.0 < target < 1.0:
         raise ValueError(f"the target power must lie strictly between 0 and 1, got {target}")
 
