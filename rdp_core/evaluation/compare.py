@@ -112,10 +112,7 @@ def images_for_power(p_first, p_second, target=TARGET_POWER, alpha=0.05, step=IM
         if passed * step >= limit:
             return None
         failed, passed = passed, min(2 * passed, -(-limit // step))
-    while passed - failed > 1:
-        middle = (failed + passed) // 2
-        failed, passed = (failed, middle) if reached(middle) else (middle, passed)
-    return passed * step
+    return _first_true(reached, failed, passed) * step
 
 
 def mcnemar_power(n, p_first, p_second, alpha=0.05):
@@ -149,16 +146,18 @@ def _rejection_probability(m, share, alpha):
 @functools.lru_cache(maxsize=None)
 def _mcnemar_critical_count(m, alpha):
     """The largest k for which the split k : m - k has an exact McNemar p below alpha (-1 if none has)."""
-    # mcnemar_p(k, m - k) rises with k up to m / 2: bisect for the last k that is rejected, with the test's
-    # own exact arithmetic so that power and test cannot disagree at the boundary.
-    rejected, kept = -1, m // 2 + 1
-    while kept - rejected > 1:
-        middle = (rejected + kept) // 2
-        if mcnemar_p(middle, m - middle) < alpha:
-            rejected = middle
-        else:
-            kept = middle
-    return rejected
+    # mcnemar_p(k, m - k) rises with k up to m / 2: bisect for the first k that is kept, with the test's own
+    # exact arithmetic so that power and test cannot disagree at the boundary.
+    return _first_true(lambda k: mcnemar_p(k, m - k) >= alpha, -1, m // 2 + 1) - 1
+
+
+def _first_true(holds, low, high):
+    """An integer in (low, high] at which `holds` is true and one less is not, for a predicate false at low and
+    true at high (neither end is evaluated); the smallest at which it holds if it changes only once."""
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if holds(middle) else (middle, high)
+    return high
 
 
 def _binomial_pmf(j, m, pi):
