@@ -26,7 +26,7 @@ from rdp_core.api import diffuse, purify
 from rdp_core.attacks import NORMS
 from rdp_core.data import default_root, load_cifar10
 from rdp_core.evaluation import ATTACKS, DEFENSES, EvalConfig, evaluate
-from rdp_core.evaluation.compare import write_comparison
+from rdp_core.evaluation.compare import VERDICTS, write_comparison
 from rdp_core.evaluation.distributed import init_from_env, shutdown
 from rdp_core.evaluation.runner import device_name, summarize_again
 from rdp_core.guidance.objectives import SCHEDULES
@@ -239,8 +239,9 @@ def _add_compare_command(commands):
                             "clean and robust accuracy with intervals and McNemar's test, a table and a PNG")
     p.add_argument("runs", nargs="+", type=Path,
                    help="rdp-core eval output folders, the baseline first, all attacked the same way")
-    p.add_argument("--verdict", choices=("all votes", "majority"), default="all votes",
-                   help="an image is robust when all its purifications are right (default) or most of them")
+    p.add_argument("--verdict", choices=VERDICTS, default="all votes",
+                   help="an image is robust when all its purifications are right (default) or most of them; "
+                        "'per purification' scores every purification on its own, the accuracy DiffPure reports")
     p.add_argument("--plan-images", type=int, default=None, metavar="N",
                    help="also give the power of McNemar's exact test on N images at the observed discordance "
                    "(and at half its imbalance), and the images it needs for 80%% power: how likely a run of N "

@@ -21,7 +21,10 @@ comparison that caught the eye overestimates the true one (the winner's curse), 
 also gives, at both, how many images (in steps of 16, the evaluator's batch) the test needs for 80% power.
 
 The verdicts are the evaluator's: an image counts as robust when every purification of its clean and of its
-attacked version is right ("all votes"), or under a majority vote.
+attacked version is right ("all votes"), or under a majority vote. The third way, "per purification", keeps
+every vote: per image the share of its purifications that are right, clean and attacked, compared with the
+paired t interval and the exact sign-flip test of vote_shares (robust accuracy there is the accuracy of one
+purification of the attacked image, as DiffPure reports it).
 """
 import functools
 import json
@@ -29,10 +32,13 @@ import math
 from pathlib import Path
 
 from rdp_core.evaluation.records import CONFIG_FILE, RecordStore
-from rdp_core.evaluation.summary import (Z_95, accuracy_entry, attack_text, by_kind, eps_text, sign_test_p,
-                                        wilson_interval)
+from rdp_core.evaluation.summary import (Z_95, accuracy_entry, attack_text, by_kind, eps_text, right_votes,
+                                        sign_test_p, wilson_interval)
+from rdp_core.evaluation.vote_shares import paired_share_difference, share_entry
 
-VERDICTS = {"all votes": "correct_all", "majority": "correct_majority"}
+BOOLEAN_VERDICTS = {"all votes": "correct_all", "majority": "correct_majority"}
+PER_PURIFICATION = "per purification"
+VERDICTS = (*BOOLEAN_VERDICTS, PER_PURIFICATION)
 # Sample-size planning: the conventional 80% power, in whole batches of the evaluator, up to what a GPU could run.
 TARGET_POWER, IMAGE_STEP, IMAGE_LIMIT = 0.8, 16, 10_000
 # Settings that must agree for two runs to be compared image by image (the defense's own settings may differ).
@@ -234,26 +240,45 @@ def compare(out_dirs, verdict="all votes", plan_images=None):
         raise ValueError("compare needs at least two evaluation folders")
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {sorted(VERDICTS)}, got {verdict!r}")
-    key = VERDICTS[verdict]
+    if verdict == PER_PURIFICATION and plan_images is not None:
+        raise ValueError("planning images (--plan-images) is for McNemar's test of the 'all votes' and 'majority' "
+                         "verdicts, not for the per-purification comparison")
     runs = [(str(d), *load_run(d)) for d in out_dirs]
     _check_same_attack(runs)
+    per_image, entry, paired = _measure(verdict, runs[0][1].get("votes"), plan_images)
     rows = []
     for eps in sorted(set.intersection(*(set(pairs) for _, _, pairs in runs)), key=float):
         images = sorted(set.intersection(*(set(pairs[eps]) for _, _, pairs in runs)))
         if not images:
             continue
-        verdicts = [_verdicts(pairs[eps], images, key) for _, _, pairs in runs]
+        verdicts = [per_image(pairs[eps], images) for _, _, pairs in runs]
         base_clean, base_robust = verdicts[0]
         rows.append({"eps": eps, "n": len(images), "runs": [
-            {"out_dir": name, "defense": _defense_name(config),
-             "clean": accuracy_entry(clean), "robust": accuracy_entry(robust),
-             **({} if index == 0 else {
-                 "clean_vs_baseline": paired_difference(clean, base_clean, plan_images=plan_images),
-                 "robust_vs_baseline": paired_difference(robust, base_robust, plan_images=plan_images)})}
+            {"out_dir": name, "defense": _defense_name(config), "clean": entry(clean), "robust": entry(robust),
+             **({} if index == 0 else {"clean_vs_baseline": paired(clean, base_clean),
+                                       "robust_vs_baseline": paired(robust, base_robust)})}
             for index, ((name, config, _), (clean, robust)) in enumerate(zip(runs, verdicts))]})
     if not rows:
         raise ValueError(f"the runs {list(map(str, out_dirs))} have no attacked image and eps in common")
     return {"verdict": verdict, "attack": {k: runs[0][1].get(k) for k in SAME_ATTACK}, "rows": rows}
+
+
+def _measure(verdict, votes, plan_images):
+    """How the verdict reads a run: (its clean and robust values per image, a run's accuracy entry, the paired
+    difference of two runs)."""
+    if verdict == PER_PURIFICATION:
+        return (_right_votes, lambda counts: share_entry(counts, votes),
+                lambda first, second: paired_share_difference(first, second, votes))
+    key = BOOLEAN_VERDICTS[verdict]
+    return (lambda pairs, images: _verdicts(pairs, images, key), accuracy_entry,
+            lambda first, second: paired_difference(first, second, plan_images=plan_images))
+
+
+def _right_votes(pairs, images):
+    """Right purifications per image, of the clean and of the attacked image (not conditioned on the clean)."""
+    if any("votes" not in pairs[i][k] for i in images for k in (0, 1)):
+        raise ValueError("the per-purification comparison needs each record's votes, and these records have none")
+    return [right_votes(pairs[i][0]) for i in images], [right_votes(pairs[i][1]) for i in images]
 
 
 def _verdicts(pairs, images, key):
@@ -281,15 +306,21 @@ def _defense_name(config):
 
 def markdown(comparison):
     attack = comparison["attack"]
+    shares = comparison["verdict"] == PER_PURIFICATION
+    robust = "attacked" if shares else "robust"
+    method = ("Student's t 95% interval of the per-image differences of the share of right purifications "
+              "(runs: Wilson's interval at the mean share); the last column counts the images with more / fewer "
+              "right purifications than the baseline, with the exact sign-flip p" if shares else
+              "Newcombe's 95% interval; the last column adds the exact McNemar p and the conditional exact 95% "
+              "interval, which excludes 0 exactly when p < 0.05")
+    last = ("attacked: more / fewer right than baseline, sign-flip p" if shares else
+            "robust: only this / only baseline, p, exact interval")
     lines = [f"{attack_text(attack)}, {attack['votes']} purification(s) per verdict, "
              f"verdict: {comparison['verdict']}; differences are paired (same images) against the first row, "
-             "with Newcombe's 95% interval; the last column adds the exact McNemar p and the conditional "
-             "exact 95% interval, which excludes 0 exactly when p < 0.05.",
-             ""]
+             f"with {method}.", ""]
     for row in comparison["rows"]:
         lines += [f"eps {eps_text(row['eps'], attack['norm'])}, {row['n']} images:", "",
-                  "| run | defense | clean | robust | clean - baseline | robust - baseline "
-                  "| robust: only this / only baseline, p, exact interval |",
+                  f"| run | defense | clean | {robust} | clean - baseline | {robust} - baseline | {last} |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for run in row["runs"]:
             cells = [_run_name(run), run["defense"], _entry(run["clean"]), _entry(run["robust"])]
@@ -338,10 +369,13 @@ def _entry(entry):
 
 
 def _difference(d):
-    return f"{d['difference']:+.2f} {_interval(d['ci95'])}"
+    interval = "(no spread)" if d["ci95"] is None else _interval(d["ci95"])
+    return f"{d['difference']:+.2f} {interval}"
 
 
 def _discordance(d):
+    if "sign_flip_p" in d:
+        return f"{d['higher']} / {d['lower']}, p = {d['sign_flip_p']:.3g}"
     exact = "no image differs" if d["ci95_exact"] is None else _interval(d["ci95_exact"])
     return f"{d['only_first']} / {d['only_second']}, p = {d['mcnemar_p']:.3g}, {exact}"
 
@@ -362,10 +396,11 @@ def plot(comparison, path):
     for ax, row in zip(axes[0], rows):
         names = [_run_name(run) for run in row["runs"]]
         for offset, kind in ((-0.2, "clean"), (0.2, "robust")):
+            label = "attacked" if kind == "robust" and comparison["verdict"] == PER_PURIFICATION else kind
             values = [run[kind]["accuracy"] for run in row["runs"]]
             errors = [[v - run[kind]["ci95"][0] for v, run in zip(values, row["runs"])],
                       [run[kind]["ci95"][1] - v for v, run in zip(values, row["runs"])]]
-            ax.bar([i + offset for i in range(len(values))], values, width=0.4, yerr=errors, capsize=3, label=kind)
+            ax.bar([i + offset for i in range(len(values))], values, width=0.4, yerr=errors, capsize=3, label=label)
         ax.set_xticks(range(len(names)), names, fontsize=8)
         ax.set_ylim(0, 100)
         ax.set_ylabel("accuracy (%)")

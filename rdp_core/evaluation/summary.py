@@ -164,8 +164,13 @@ def _check(name, claim, passed, detail):
             "status": "not run" if passed is None else ("pass" if passed else "FAIL")}
 
 
+def right_votes(record):
+    """How many of the record's purifications predicted its label."""
+    return sum(v == record["label"] for v in record["votes"])
+
+
 def _vote_share(record):
-    return sum(v == record["label"] for v in record["votes"]) / len(record["votes"])
+    return right_votes(record) / len(record["votes"])
 
 
 def _mean(values):

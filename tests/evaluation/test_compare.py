@@ -9,7 +9,9 @@ from scipy.stats import beta, binomtest
 from rdp_core.cli import main
 from rdp_core.evaluation.compare import (clopper_pearson, compare, conditional_exact_interval, images_for_power,
                                          markdown, mcnemar_p, mcnemar_power, paired_difference, planned_power)
-from rdp_core.evaluation.summary import wilson_interval
+from rdp_core.evaluation.records import RecordStore
+from rdp_core.evaluation.summary import summarize, wilson_interval
+from rdp_core.evaluation.vote_shares import paired_share_difference
 
 
 @pytest.mark.parametrize("b, c", [(0, 0), (3, 0), (7, 2), (12, 12), (1, 9), (30, 18), (600, 500), (2900, 3100)])
@@ -153,15 +155,30 @@ ATTACK = {"attack": "pgd-eot", "norm": "linf", "iterations": 10, "eot": 4, "step
 
 
 def write_run(folder, defense, clean, attacked, eps=0.031372549, **changes):
-    """An eval output folder: config.json and records as rdp-core eval writes them."""
+    """An eval output folder: config.json and records as rdp-core eval writes them (without votes)."""
+    return write_records(folder, defense, [[{"correct_all": right_all, "correct_majority": right_majority}
+                                            for right_all, right_majority in flags] for flags in (clean, attacked)],
+                         eps, **changes)
+
+
+def write_voted_run(folder, defense, clean, attacked, votes=5):
+    """An eval output folder whose records hold each purification's prediction: `votes` per image, of which
+    clean[i] (attacked[i]) predict the label 0."""
+    def record(right):
+        return {"label": 0, "votes": [0] * right + [1] * (votes - right), "correct_all": right == votes,
+                "correct_majority": 2 * right > votes, "linf": 0.0, "l2": 0.0}  # summarize reads the norms
+    return write_records(folder, defense, [[record(k) for k in counts] for counts in (clean, attacked)],
+                         votes=votes)
+
+
+def write_records(folder, defense, clean_and_attacked, eps=0.031372549, **changes):
     (folder / "records").mkdir(parents=True)
     config = {**ATTACK, "defense": defense, "t_star": 0.1, "guidance_options": None, **changes}
     (folder / "config.json").write_text(json.dumps(config))
     lines = []
-    for kind, eps_value, flags in (("clean", 0.0, clean), ("attack", eps, attacked)):
-        for index, (right_all, right_majority) in enumerate(flags):
-            lines.append(json.dumps({"kind": kind, "index": index, "eps": eps_value, "correct_all": right_all,
-                                     "correct_majority": right_majority}))
+    for (kind, eps_value), records in zip((("clean", 0.0), ("attack", eps)), clean_and_attacked):
+        lines += [json.dumps({"kind": kind, "index": index, "eps": eps_value, **record})
+                  for index, record in enumerate(records)]
     (folder / "records" / "rank0-of-1.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 
@@ -220,3 +237,29 @@ def test_runs_of_the_same_defense_are_told_apart_by_their_folder(tmp_path):
     table = markdown(compare([base, old, new]))
     assert "| agdm_old | agdm, t*=0.1 |" in table and "| agdm_new | agdm, t*=0.1 |" in table
     assert table.startswith("`pgd-eot` (linf, 10 iterations x 4 EOT, step 0.007), 2 purification(s) per verdict")
+
+
+def test_per_purification_compares_the_share_of_right_votes_image_by_image(tmp_path, capsys):
+    base = write_voted_run(tmp_path / "diffpure", "diffpure", clean=[5, 5, 4, 3], attacked=[2, 0, 3, 1])
+    ours = write_voted_run(tmp_path / "agdm", "agdm", clean=[5, 4, 5, 3], attacked=[4, 0, 5, 1])
+    (row,) = compare([base, ours], verdict="per purification")["rows"]
+    baseline, agdm = row["runs"]
+    summary = summarize(RecordStore(ours).read_all())["rows"][0]
+    assert agdm["clean"]["accuracy"] == pytest.approx(summary["clean_per_vote"]) == pytest.approx(85.0)
+    assert agdm["robust"]["accuracy"] == pytest.approx(summary["attacked_per_vote"]) == pytest.approx(50.0)
+    assert baseline["robust"]["accuracy"] == pytest.approx(30.0)
+    assert agdm["robust_vs_baseline"] == paired_share_difference([4, 0, 5, 1], [2, 0, 3, 1], 5)
+    assert agdm["clean_vs_baseline"]["higher"] == 1 and agdm["clean_vs_baseline"]["lower"] == 1
+    assert main(["compare", str(base), str(ours), "--verdict", "per purification", "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "attacked - baseline" in out and "| 2 / 0, p = 0.5 |" in out and "sign-flip" in out
+
+
+def test_per_purification_needs_votes_and_plans_nothing(tmp_path):
+    base = write_voted_run(tmp_path / "a", "diffpure", clean=[5], attacked=[1])
+    ours = write_voted_run(tmp_path / "b", "agdm", clean=[5], attacked=[2])
+    with pytest.raises(ValueError, match="--plan-images"):
+        compare([base, ours], verdict="per purification", plan_images=64)
+    voteless = write_run(tmp_path / "c", "agdm", clean=[(True, True)], attacked=[(True, True)], votes=5)
+    with pytest.raises(ValueError, match="needs each record's votes"):
+        compare([base, voteless], verdict="per purification")
