@@ -4,7 +4,9 @@ Robust accuracy at eps counts an image as robust when the defense is right on ev
 purifications of the clean image and of the attack's adversarial image (the attacker may always submit the
 clean image; its verdict is part of the ball). The majority-vote figure (right by the most frequent of the
 N predictions) stands beside it, and so does the accuracy of single purifications (the mean over images
-and votes), the figure DiffPure-style papers report. Intervals are 95% Wilson score intervals.
+and votes), the figure DiffPure-style papers report. Intervals are 95% Wilson score intervals; for single
+purifications, Wilson's interval of n images at the mean share, which is conservative (vote_shares explains
+why, and `rdp-core compare --verdict "per purification"` compares defenses on it).
 
 The sanity checks flag what gradient masking looks like (Athalye et al. 2018; Carlini et al. 2019):
   undefended:  the bare classifier must fall to about 0 under PGD at the reference eps (8/255 or 0.5);
@@ -82,6 +84,8 @@ def summarize(records, norm="linf", about_zero=ABOUT_ZERO):
             # One purification per verdict, as DiffPure-style papers report it: the mean over images and votes.
             "clean_per_vote": 100.0 * _mean([_vote_share(clean[i]) for i in images]),
             "attacked_per_vote": 100.0 * _mean([_vote_share(attacked[i]) for i in images]),
+            "clean_per_vote_ci95": mean_share_ci95([_vote_share(clean[i]) for i in images]),
+            "attacked_per_vote_ci95": mean_share_ci95([_vote_share(attacked[i]) for i in images]),
             "mean_linf": _mean([attacked[i]["linf"] for i in images]),
             "mean_l2": _mean([attacked[i]["l2"] for i in images]),
         })
@@ -173,6 +177,12 @@ def _vote_share(record):
     return right_votes(record) / len(record["votes"])
 
 
+def mean_share_ci95(shares):
+    """Wilson's 95% interval, in percent, of len(shares) images at their mean share of right purifications."""
+    low, high = wilson_interval(sum(shares), len(shares))
+    return [100.0 * low, 100.0 * high]
+
+
 def _mean(values):
     return sum(values) / len(values) if values else float("nan")
 
@@ -188,7 +198,7 @@ def markdown(summary, config):
              "per purification: clean / attacked | n |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in summary["rows"]:
         cells = [_cell(row[k]) for k in ("clean", "robust", "clean_majority", "robust_majority")]
-        cells.append(f"{row['clean_per_vote']:.2f}% / {row['attacked_per_vote']:.2f}%")
+        cells.append(" / ".join(_per_vote_cell(row, part) for part in ("clean", "attacked")))
         lines.append(f"| {eps_text(row['eps'], config['norm'])} | " + " | ".join(cells) + f" | {row['robust']['n']} |")
     for row in summary["undefended"]:
         lines.append(f"\nundefended classifier, PGD at eps {eps_text(row['eps'], config['norm'])}: "
@@ -207,8 +217,16 @@ def attack_text(config):
 
 
 def _cell(entry):
-    low, high = entry["ci95"]
-    return f"{entry['accuracy']:.2f}% [{low:.1f}, {high:.1f}]"
+    return _percent_with_interval(entry["accuracy"], entry["ci95"])
+
+
+def _per_vote_cell(row, part):
+    return _percent_with_interval(row[f"{part}_per_vote"], row[f"{part}_per_vote_ci95"])
+
+
+def _percent_with_interval(value, interval):
+    low, high = interval
+    return f"{value:.2f}% [{low:.1f}, {high:.1f}]"
 
 
 def eps_text(eps, norm):

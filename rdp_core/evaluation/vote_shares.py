@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from rdp_core.evaluation.summary import wilson_interval
+from rdp_core.evaluation.summary import mean_share_ci95
 
 LEVEL_95 = 0.95
 
@@ -31,10 +31,8 @@ LEVEL_95 = 0.95
 def share_entry(counts, votes):
     """The accuracy per purification of one defense from its right votes per image, with Wilson's interval."""
     n = len(counts)
-    total = sum(counts) / votes
-    low, high = wilson_interval(total, n)
-    return {"accuracy": 100.0 * total / n if n else float("nan"), "right_votes": sum(counts),
-            "votes": votes, "n": n, "ci95": [100.0 * low, 100.0 * high]}
+    return {"accuracy": 100.0 * sum(counts) / (votes * n) if n else float("nan"), "right_votes": sum(counts),
+            "votes": votes, "n": n, "ci95": mean_share_ci95([k / votes for k in counts])}
 
 
 def paired_share_difference(first, second, votes, level=LEVEL_95):

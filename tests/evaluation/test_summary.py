@@ -26,10 +26,15 @@ def test_robust_needs_every_vote_on_both_the_clean_and_the_attacked_image():
     assert row["clean_majority"]["correct"] == 3 and row["robust_majority"]["correct"] == 3
     assert row["robust"]["accuracy"] == 25.0 and row["robust"]["ci95"][0] < 25.0 < row["robust"]["ci95"][1]
     assert row["clean_per_vote"] == pytest.approx(200 / 3) and row["attacked_per_vote"] == pytest.approx(200 / 3)
+    # 8 of 12 purifications right over 4 images: Wilson's interval of 4 images at 8/3 right.
+    low, high = wilson_interval(8 / 3, 4)
+    assert row["clean_per_vote_ci95"] == pytest.approx([100 * low, 100 * high])
+    assert row["attacked_per_vote_ci95"] == pytest.approx([100 * low, 100 * high])
     config = {"defense": "diffpure", "attack": "pgd-eot", "norm": "linf", "votes": 3, "iterations": 10, "eot": 4,
               "step_size": 0.007}
     text = markdown(summary, config)
     assert "| 7.65/255 | 50.00% [" in text and "25.00% [" in text
+    assert f"| 66.67% [{100 * low:.1f}, {100 * high:.1f}] / 66.67% [{100 * low:.1f}, {100 * high:.1f}] |" in text
     assert "(linf, 10 iterations x 4 EOT, step 0.007)" in text
     assert "(l2, 10 iterations x 4 EOT, step eps/4)" in markdown(summary, {**config, "norm": "l2", "step_size": None})
 
