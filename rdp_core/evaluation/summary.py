@@ -74,6 +74,8 @@ def summarize(records, norm="linf", about_zero=ABOUT_ZERO):
     for eps in sorted(table["attack"], key=float):
         attacked = table["attack"][eps]
         images = sorted(set(attacked) & set(clean))
+        clean_shares = [_vote_share(clean[i]) for i in images]
+        attacked_shares = [_vote_share(attacked[i]) for i in images]
         rows.append({
             "eps": eps,
             "clean": accuracy_entry([clean[i]["correct_all"] for i in images]),
@@ -82,10 +84,10 @@ def summarize(records, norm="linf", about_zero=ABOUT_ZERO):
             "robust_majority": accuracy_entry([clean[i]["correct_majority"] and attacked[i]["correct_majority"]
                                                for i in images]),
             # One purification per verdict, as DiffPure-style papers report it: the mean over images and votes.
-            "clean_per_vote": 100.0 * _mean([_vote_share(clean[i]) for i in images]),
-            "attacked_per_vote": 100.0 * _mean([_vote_share(attacked[i]) for i in images]),
-            "clean_per_vote_ci95": mean_share_ci95([_vote_share(clean[i]) for i in images]),
-            "attacked_per_vote_ci95": mean_share_ci95([_vote_share(attacked[i]) for i in images]),
+            "clean_per_vote": 100.0 * _mean(clean_shares),
+            "attacked_per_vote": 100.0 * _mean(attacked_shares),
+            "clean_per_vote_ci95": mean_share_ci95(clean_shares),
+            "attacked_per_vote_ci95": mean_share_ci95(attacked_shares),
             "mean_linf": _mean([attacked[i]["linf"] for i in images]),
             "mean_l2": _mean([attacked[i]["l2"] for i in images]),
         })
