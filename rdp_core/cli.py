@@ -246,8 +246,19 @@ def _add_compare_command(commands):
                    help="also give the power of McNemar's exact test on N images at the observed discordance "
                    "(and at half its imbalance), and the images it needs for 80%% power: how likely a run of N "
                    "images would settle each difference, and how many would")
+    p.add_argument("--looks", type=_image_counts, default=None, metavar="K,K,...",
+                   help="image counts at which the comparison was read before (e.g. 16,32,48 as a run grew): "
+                   "also give McNemar's p at each and the p adjusted for these repeated looks")
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
     p.set_defaults(run=run_compare)
+
+
+def _image_counts(text):
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated image counts such as 16,32,48, got {text!r}") from None
 
 
 def _add_summarize_command(commands):
@@ -269,7 +280,7 @@ def run_summarize(args):
 
 def run_compare(args):
     try:
-        write_comparison(args.runs, args.out, args.verdict, args.plan_images)
+        write_comparison(args.runs, args.out, args.verdict, args.plan_images, args.looks)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"rdp-core compare: {error}") from None
     print((args.out / "comparison.md").read_text())

@@ -20,6 +20,13 @@ here, and again with the observed imbalance halved. The observed rates are estim
 comparison that caught the eye overestimates the true one (the winner's curse), hence the second figure. It
 also gives, at both, how many images (in steps of 16, the evaluator's batch) the test needs for 80% power.
 
+A comparison looked at repeatedly as a run grows (16 images, then 32, ...) with no stopping rule fixed in
+advance gets more chances to cross 0.05 by luck than one test has. `looks` lists the image counts at which it
+was read; `look_adjusted_p` is then the probability, if the defenses were equally good, that the smallest
+McNemar p over those looks is at most the smallest one observed: exact, by summing over every split of the
+discordant images look by look, and conditional (like the test itself) on which images are discordant.
+Bonferroni's bound, the looks times the smallest p, is far larger, the looks sharing most of their images.
+
 The verdicts are the evaluator's: an image counts as robust when every purification of its clean and of its
 attacked version is right ("all votes"), or under a majority vote. The third way, "per purification", keeps
 every vote: per image the share of its purifications that are right, clean and attacked, compared with the
@@ -61,10 +68,11 @@ def load_run(out_dir):
     return config, pairs
 
 
-def paired_difference(first, second, z=Z_95, plan_images=None):
+def paired_difference(first, second, z=Z_95, plan_images=None, looks=None):
     """Accuracy of `first` minus that of `second` (booleans per image, same images, same order), in points,
     with Newcombe's interval, the exact two-sided McNemar p-value and the conditional exact interval; with
-    `plan_images`, the power of the test on that many images at the observed discordance (see above)."""
+    `plan_images`, the power of the test on that many images at the observed discordance; with `looks`, the
+    McNemar p adjusted for having been read on the first `looks[i]` images too (see above)."""
     if len(first) != len(second) or not first:
         raise ValueError("paired_difference needs two equally long, non-empty lists of verdicts")
     n = len(first)
@@ -84,7 +92,41 @@ def paired_difference(first, second, z=Z_95, plan_images=None):
                   "ci95_exact": conditional_exact_interval(only_first, only_second, n)}
     if plan_images is not None:
         difference["power"] = planned_power(only_first, only_second, n, plan_images)
+    if looks is not None:
+        difference["looks"] = look_adjusted_p(first, second, looks)
     return difference
+
+
+def look_adjusted_p(first, second, looks):
+    """{"looks", "mcnemar_p" per look, "adjusted_p"}: the exact McNemar test of `first` against `second` read on
+    their first k verdicts for each k in `looks` (and on all of them), adjusted for the repeated looks: the
+    probability under equal defenses, given which images are discordant, that some look's p is as small as
+    the smallest observed."""
+    n = len(first)
+    looks = sorted(set(looks) | {n})
+    if looks[0] < 1 or looks[-1] > n:
+        raise ValueError(f"looks must be image counts from 1 to the {n} images compared, got {looks}")
+    discordant = [f != s for f, s in zip(first, second)]
+    splits = [(sum(f and not s for f, s in zip(first[:k], second[:k])), sum(discordant[:k])) for k in looks]
+    p_values = [mcnemar_p(b, m - b) for b, m in splits]
+    smallest = min(p_values) * (1 + 1e-9)  # the same p recomputed must count as reached
+    # Probability mass of the number of first-only images among the discordant ones so far, over the paths
+    # that have not yet reached `smallest`; the discordant images' sides are fair coins under equal defenses.
+    alive, seen = {0: 1.0}, 0
+    for _, m in splits:
+        alive = _add_fair_coins(alive, m - seen)
+        alive = {b: mass for b, mass in alive.items() if mcnemar_p(b, m - b) > smallest}
+        seen = m
+    return {"looks": looks, "mcnemar_p": p_values, "adjusted_p": min(1.0, 1.0 - sum(alive.values()))}
+
+
+def _add_fair_coins(mass_by_count, coins):
+    """The distribution of a count after `coins` more fair coin flips each add 1 with probability 1/2."""
+    result = {}
+    for count, mass in mass_by_count.items():
+        for heads in range(coins + 1):
+            result[count + heads] = result.get(count + heads, 0.0) + mass * _binomial_pmf(heads, coins, 0.5)
+    return result
 
 
 def planned_power(b, c, n, images, alpha=0.05, target=TARGET_POWER):
@@ -232,10 +274,10 @@ def _bisect(increasing, iterations=60):
     return (low + high) / 2
 
 
-def compare(out_dirs, verdict="all votes", plan_images=None):
+def compare(out_dirs, verdict="all votes", plan_images=None, looks=None):
     """The comparison of the evaluations in `out_dirs` (the first is the baseline) on the images all of them
     attacked: per run its accuracies, per later run its paired differences from the baseline (with the power
-    of McNemar's test on `plan_images` images, if given)."""
+    of McNemar's test on `plan_images` images, and its p adjusted for `looks`, if given)."""
     if len(out_dirs) < 2:
         raise ValueError("compare needs at least two evaluation folders")
     if verdict not in VERDICTS:
@@ -243,9 +285,12 @@ def compare(out_dirs, verdict="all votes", plan_images=None):
     if verdict == PER_PURIFICATION and plan_images is not None:
         raise ValueError("planning images (--plan-images) is for McNemar's test of the 'all votes' and 'majority' "
                          "verdicts, not for the per-purification comparison")
+    if verdict == PER_PURIFICATION and looks is not None:
+        raise ValueError("adjusting for looks (--looks) is for McNemar's test of the 'all votes' and 'majority' "
+                         "verdicts, not for the per-purification comparison")
     runs = [(str(d), *load_run(d)) for d in out_dirs]
     _check_same_attack(runs)
-    per_image, entry, paired = _measure(verdict, runs[0][1].get("votes"), plan_images)
+    per_image, entry, paired = _measure(verdict, runs[0][1].get("votes"), plan_images, looks)
     rows = []
     for eps in sorted(set.intersection(*(set(pairs) for _, _, pairs in runs)), key=float):
         images = sorted(set.intersection(*(set(pairs[eps]) for _, _, pairs in runs)))
@@ -263,7 +308,7 @@ def compare(out_dirs, verdict="all votes", plan_images=None):
     return {"verdict": verdict, "attack": {k: runs[0][1].get(k) for k in SAME_ATTACK}, "rows": rows}
 
 
-def _measure(verdict, votes, plan_images):
+def _measure(verdict, votes, plan_images, looks):
     """How the verdict reads a run: (its clean and robust values per image, a run's accuracy entry, the paired
     difference of two runs)."""
     if verdict == PER_PURIFICATION:
@@ -271,7 +316,7 @@ def _measure(verdict, votes, plan_images):
                 lambda first, second: paired_share_difference(first, second, votes))
     key = BOOLEAN_VERDICTS[verdict]
     return (lambda pairs, images: _verdicts(pairs, images, key), accuracy_entry,
-            lambda first, second: paired_difference(first, second, plan_images=plan_images))
+            lambda first, second: paired_difference(first, second, plan_images=plan_images, looks=looks))
 
 
 def _right_votes(pairs, images):
@@ -331,7 +376,7 @@ def markdown(comparison):
             else:
                 cells += ["(baseline)", "(baseline)", ""]
             lines.append("| " + " | ".join(cells) + " |")
-        lines += [""] + _power_lines(row)
+        lines += [""] + _power_lines(row) + _look_lines(row)
     return "\n".join(lines)
 
 
@@ -347,6 +392,23 @@ def _power_lines(row):
         clean, robust = run["clean_vs_baseline"]["power"], run["robust_vs_baseline"]["power"]
         lines.append(f"- {_run_name(run)}: robust {_power_text(robust)}; clean {_power_text(clean)}")
     return lines + [""]
+
+
+def _look_lines(row):
+    looked = [run for run in row["runs"] if "looks" in run.get("robust_vs_baseline", {})]
+    if not looked:
+        return []
+    counts = ", ".join(map(str, looked[0]["robust_vs_baseline"]["looks"]["looks"]))
+    lines = [f"Repeated looks: the exact McNemar p on the first {counts} images, and the probability under equal "
+             "defenses that some look's p is as small as the smallest here (the look-adjusted p):", ""]
+    for run in looked:
+        lines.append(f"- {_run_name(run)}: robust {_look_text(run['robust_vs_baseline']['looks'])}; "
+                     f"clean {_look_text(run['clean_vs_baseline']['looks'])}")
+    return lines + [""]
+
+
+def _look_text(looks):
+    return f"p {', '.join(f'{p:.3g}' for p in looks['mcnemar_p'])}; adjusted {looks['adjusted_p']:.3g}"
 
 
 def _power_text(power):
@@ -412,9 +474,9 @@ def plot(comparison, path):
     plt.close(fig)
 
 
-def write_comparison(out_dirs, out, verdict="all votes", plan_images=None):
+def write_comparison(out_dirs, out, verdict="all votes", plan_images=None, looks=None):
     """compare() written to `out` as comparison.json, comparison.md and comparison.png; returns the dict."""
-    comparison = compare(out_dirs, verdict, plan_images)
+    comparison = compare(out_dirs, verdict, plan_images, looks)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(comparison, indent=2))

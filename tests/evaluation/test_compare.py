@@ -8,7 +8,7 @@ from scipy.stats import beta, binomtest
 
 from rdp_core.cli import main
 from rdp_core.evaluation.compare import (clopper_pearson, compare, conditional_exact_interval, images_for_power,
-                                         markdown, mcnemar_p, mcnemar_power, paired_difference, planned_power)
+                                         look_adjusted_p, markdown, mcnemar_p, mcnemar_power, paired_difference, planned_power)
 from rdp_core.evaluation.records import RecordStore
 from rdp_core.evaluation.summary import summarize, wilson_interval
 from rdp_core.evaluation.vote_shares import paired_share_difference
@@ -263,3 +263,58 @@ def test_per_purification_needs_votes_and_plans_nothing(tmp_path):
     voteless = write_run(tmp_path / "c", "agdm", clean=[(True, True)], attacked=[(True, True)], votes=5)
     with pytest.raises(ValueError, match="needs each record's votes"):
         compare([base, voteless], verdict="per purification")
+
+
+def brute_force_look_adjusted_p(first, second, looks):
+    """Every assignment of sides to the discordant images, each equally likely under equal defenses."""
+    discordant = [i for i, (f, s) in enumerate(zip(first, second)) if f != s]
+
+    def smallest_p(first_only):
+        return min(mcnemar_p(sum(i in first_only for i in discordant if i < k),
+                             sum(i not in first_only for i in discordant if i < k)) for k in looks)
+
+    observed = smallest_p({i for i in discordant if first[i]})
+    outcomes = [smallest_p({i for bit, i in enumerate(discordant) if mask >> bit & 1})
+                for mask in range(2 ** len(discordant))]
+    return sum(p <= observed * (1 + 1e-9) for p in outcomes) / len(outcomes)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_look_adjusted_p_is_the_share_of_sign_assignments_that_look_as_extreme(seed):
+    rng = random.Random(seed)
+    first = [rng.random() < 0.6 for _ in range(40)]
+    second = [f if rng.random() < 0.7 else rng.random() < 0.35 for f in first]
+    looks = sorted(rng.sample(range(5, 40), 3))
+    adjusted = look_adjusted_p(first, second, looks)
+    assert adjusted["looks"] == looks + [40]
+    assert adjusted["adjusted_p"] == pytest.approx(brute_force_look_adjusted_p(first, second, looks + [40]))
+    # One look is the plain test; more looks can only raise it, and never beyond Bonferroni's bound.
+    single = look_adjusted_p(first, second, [40])
+    assert single["adjusted_p"] == pytest.approx(mcnemar_p(*[sum(x and not y for x, y in zip(a, b))
+                                                             for a, b in ((first, second), (second, first))]))
+    smallest = min(adjusted["mcnemar_p"])
+    assert smallest * (1 - 1e-9) <= adjusted["adjusted_p"] <= min(1.0, 4 * smallest) + 1e-12
+
+
+def test_looks_must_be_counts_of_the_images_compared():
+    first, second = [True, False, True], [False, False, True]
+    for looks in ([0], [4]):
+        with pytest.raises(ValueError, match="looks must be image counts from 1 to the 3 images"):
+            look_adjusted_p(first, second, looks)
+
+
+def test_compare_command_adjusts_for_looks(tmp_path, capsys):
+    base = write_run(tmp_path / "a", "diffpure", clean=[(True, True)] * 8, attacked=[(False, False)] * 8)
+    ours = write_run(tmp_path / "b", "agdm", clean=[(True, True)] * 8, attacked=[(True, True)] * 8)
+    assert main(["compare", str(base), str(ours), "--looks", "4,6", "--out", str(tmp_path / "cmp")]) == 0
+    looks = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"][0]["runs"][1]
+    assert looks["robust_vs_baseline"]["looks"]["mcnemar_p"] == [0.125, 0.03125, 0.0078125]
+    # Every sign assignment reaching p <= 1/128 at 8 images is the all-first one and its mirror.
+    assert looks["robust_vs_baseline"]["looks"]["adjusted_p"] == pytest.approx(2 / 256)
+    assert "on the first 4, 6, 8 images" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["compare", str(base), str(ours), "--looks", "4,six", "--out", str(tmp_path / "cmp2")])
+    with pytest.raises(ValueError, match="--looks"):
+        compare([write_voted_run(tmp_path / "c", "diffpure", clean=[5], attacked=[1]),
+                 write_voted_run(tmp_path / "d", "agdm", clean=[5], attacked=[2])], verdict="per purification",
+                looks=[1])
