@@ -88,7 +88,8 @@ def _add_train_command(commands):
     p.add_argument("--data", default=None, help="data root holding cifar-10-batches-py/")
     p.add_argument("--out", type=Path, default=Path("runs/train"), help="folder for the log and the weights")
     p.add_argument("--nf", type=int, default=CPU_MODEL.nf, help="base channel count (128 in DDPM++)")
-    p.add_argument("--ch-mult", default=",".join(map(str, CPU_MODEL.ch_mult)),
+    p.add_argument("--ch-mult", type=_int_list("channel multipliers", "1,2,2,2"),
+                   default=",".join(map(str, CPU_MODEL.ch_mult)),
                    help="channel multipliers per resolution (DDPM++: 1,2,2,2)")
     p.add_argument("--num-res-blocks", type=int, default=CPU_MODEL.num_res_blocks,
                    help="residual blocks per resolution (DDPM++: 4)")
@@ -246,19 +247,22 @@ def _add_compare_command(commands):
                    help="also give the power of McNemar's exact test on N images at the observed discordance "
                    "(and at half its imbalance), and the images it needs for 80%% power: how likely a run of N "
                    "images would settle each difference, and how many would")
-    p.add_argument("--looks", type=_image_counts, default=None, metavar="K,K,...",
+    p.add_argument("--looks", type=_int_list("image counts", "16,32,48"), default=None, metavar="K,K,...",
                    help="image counts at which the comparison was read before (e.g. 16,32,48 as a run grew): "
                    "also give McNemar's p at each and the p adjusted for these repeated looks")
     p.add_argument("--out", type=Path, default=Path("runs/compare"))
     p.set_defaults(run=run_compare)
 
 
-def _image_counts(text):
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated image counts such as 16,32,48, got {text!r}") from None
+def _int_list(what, example):
+    """An argparse type for a comma-separated list of integers, with an error that says what was expected."""
+    def parse(text):
+        try:
+            return [int(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what} such as {example}, got {text!r}") from None
+    return parse
 
 
 def _add_summarize_command(commands):
@@ -338,7 +342,7 @@ def _parse_eps(text):
 
 
 def run_train(args):
-    model = DDPMppConfig(nf=args.nf, ch_mult=tuple(int(m) for m in args.ch_mult.split(",")),
+    model = DDPMppConfig(nf=args.nf, ch_mult=tuple(args.ch_mult),
                          num_res_blocks=args.num_res_blocks)
     config = TrainConfig(model=model, t_max=args.t_max, batch_size=args.batch_size, lr=args.lr,
                          ema_decay=args.ema_decay, minutes=args.minutes, max_steps=args.max_steps, seed=args.seed)

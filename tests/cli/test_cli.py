@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from rdp_core import cli
 from rdp_core.cli import main
 from rdp_core.data import load_cifar10
 from rdp_core.guidance import load_auxiliary
+from rdp_core.train import CPU_MODEL
 from rdp_core.visualize import image_grid, write_png
 
 
@@ -124,6 +126,24 @@ def test_purify_command_rejects_bad_arguments(data_root, tmp_path):
               "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="takes one radius"):
         main(["train-guidance", "--data", str(data_root), "--eps", "8/255,4/255", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train-diffusion", "--ch-mult", "1,two"], "expected comma-separated channel multipliers such as 1,2,2,2, got '1,two'"),
+    (["compare", "a", "b", "--looks", "16,"], "expected comma-separated image counts such as 16,32,48, got '16,'"),
+])
+def test_integer_list_options_say_what_they_expected(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_train_command_passes_the_channel_multipliers_to_the_model(monkeypatch, tmp_path):
+    configs = []
+    monkeypatch.setattr(cli, "train", lambda config, *args, **kwargs: configs.append(config) or tmp_path)
+    main(["train-diffusion", "--out", str(tmp_path)])
+    main(["train-diffusion", "--ch-mult", "1,2", "--out", str(tmp_path)])
+    assert [config.model.ch_mult for config in configs] == [CPU_MODEL.ch_mult, (1, 2)]
 
 
 def test_eval_command_reports_accuracy_and_sanity(data_root, tmp_path, capsys):
