@@ -282,12 +282,11 @@ def compare(out_dirs, verdict="all votes", plan_images=None, looks=None):
         raise ValueError("compare needs at least two evaluation folders")
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {sorted(VERDICTS)}, got {verdict!r}")
-    if verdict == PER_PURIFICATION and plan_images is not None:
-        raise ValueError("planning images (--plan-images) is for McNemar's test of the 'all votes' and 'majority' "
-                         "verdicts, not for the per-purification comparison")
-    if verdict == PER_PURIFICATION and looks is not None:
-        raise ValueError("adjusting for looks (--looks) is for McNemar's test of the 'all votes' and 'majority' "
-                         "verdicts, not for the per-purification comparison")
+    mcnemar_only = {"planning images (--plan-images)": plan_images, "adjusting for looks (--looks)": looks}
+    for option, value in mcnemar_only.items():
+        if verdict == PER_PURIFICATION and value is not None:
+            raise ValueError(f"{option} is for McNemar's test of the 'all votes' and 'majority' verdicts, "
+                             "not for the per-purification comparison")
     runs = [(str(d), *load_run(d)) for d in out_dirs]
     _check_same_attack(runs)
     per_image, entry, paired = _measure(verdict, runs[0][1].get("votes"), plan_images, looks)
