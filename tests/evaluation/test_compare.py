@@ -47,7 +47,7 @@ def test_the_exact_interval_scales_the_discordant_share_to_points_of_accuracy():
     low, high = conditional_exact_interval(9, 2, 80)
     p_low, p_high = clopper_pearson(9, 11)
     assert [low, high] == pytest.approx([100 * (2 * p_low - 1) * 11 / 80, 100 * (2 * p_high - 1) * 11 / 80])
-    assert low < 0 < high and mcnemar_p(9, 2) > 0.05  # 80 images, 9 : 2: the split README discusses
+    assert low < 0 < high and mcnemar_p(9, 2) > 0.05  # 80 images, 9 : 2: the split bench/eval/README.md discusses
     assert conditional_exact_interval(0, 0, 16) is None
     first, second = verdicts(both=5, only_first=9, only_second=2, neither=64)
     assert paired_difference(first, second)["ci95_exact"] == [low, high]
@@ -65,7 +65,7 @@ def test_power_is_the_probability_of_a_rejected_split_summed_over_every_outcome(
 
 def test_power_is_below_the_level_without_a_difference_and_grows_with_the_sample():
     assert mcnemar_power(3000, 0.07, 0.07) <= 0.05  # the exact test is conservative
-    powers = [mcnemar_power(n, 0.1125, 0.025) for n in (80, 160, 512)]  # 9 : 2 of 80, the README's split
+    powers = [mcnemar_power(n, 0.1125, 0.025) for n in (80, 160, 512)]  # 9 : 2 of 80, the split of bench/eval/README.md
     assert powers[0] < powers[1] < powers[2] and powers[0] == pytest.approx(0.5, abs=0.2) and powers[2] > 0.999
     planned = planned_power(9, 2, 80, 512)
     assert planned["at_half_the_imbalance"] == pytest.approx(mcnemar_power(512, 11 / 160 + 7 / 320, 11 / 160 - 7 / 320))
