@@ -9,12 +9,19 @@ AutoAttack runs 100, and because it decides which images survive from one forwar
 defense, survival must be judged the evaluator's way (right on every one of N purifications), so `judge`
 is a parameter.
 
+For a randomized defense "broken" is a matter of degree (how many of the N purifications are wrong), and the
+verdicts reported from one attacked image differ (all N right, a majority right, each purification counted):
+so the judge returns the fraction of its purifications that are right, every candidate any attack produces
+is judged, each image keeps the candidate judged most damaging (the later one on a tie, so an adversarial
+candidate rather than the clean image), and an image leaves the cascade only once a candidate makes every
+judged purification wrong. For a deterministic model (fractions 0 or 1) this is AutoAttack's own cascade.
+
 Versions, as in the AutoAttack paper's code:
     standard: APGD-CE, APGD-T (9 target classes), FAB-T (9 target classes), Square (5000 queries); each
               with one restart, 100 iterations. For deterministic models.
     rand:     APGD-CE and APGD-DLR with 20 EOT samples, one restart, 100 iterations. For randomized ones.
-Each attack runs only on the images that no earlier attack has broken; APGD on all of them, submitting its
-fooling and its highest-loss iterates (`_candidates`).
+Each attack runs only on the images that no earlier candidate made wholly wrong; APGD on all of them,
+submitting its fooling and its highest-loss iterates (`_candidates`).
 """
 import contextlib
 from dataclasses import dataclass, field
@@ -31,9 +38,11 @@ _TORCHATTACKS_NORM = {"linf": "Linf", "l2": "L2"}
 
 @dataclass
 class AutoAttackResult:
-    x_adv: torch.Tensor  # the first successful adversarial image per input, the input itself where all failed
-    robust: torch.Tensor  # (n,) bool: the judge still found the model right after every attack
+    x_adv: torch.Tensor  # per input, the candidate judged most damaging; the input itself where the judge
+    #                      found it wrong on every purification before any attack
+    robust: torch.Tensor  # (n,) bool: the judge found every purification of x_adv right
     stages: list = field(default_factory=list)  # (attack name, images still robust after it)
+    right_fraction: torch.Tensor = None  # (n,) the judge's fraction of right purifications of x_adv
 
 
 def autoattack(model, x, y, *, norm="linf", eps=None, version="rand", n_classes=10, iterations=100, eot=20,
@@ -41,7 +50,8 @@ def autoattack(model, x, y, *, norm="linf", eps=None, version="rand", n_classes=
     """AutoAttack `version` against `model` (images in [0, 1] -> logits); returns an AutoAttackResult.
 
     iterations: APGD and FAB iterations (AutoAttack: 100). eot: EOT samples of the `rand` version (20).
-    judge: (images, labels) -> bool tensor, True where the model is still right; default one forward.
+    judge: (images, labels) -> the fraction of the model's predictions that are right per image, in [0, 1]
+    (a bool tensor is read as 1 or 0); default one forward.
     """
     check_images(x)
     check_labels(y, x)
@@ -51,27 +61,34 @@ def autoattack(model, x, y, *, norm="linf", eps=None, version="rand", n_classes=
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     eps = DEFAULT_EPS[norm] if eps is None else float(eps)
     attacks = _ensemble(model, version, norm, eps, n_classes, iterations, eot, square_queries, seed)
-    judge = judge or (lambda images, labels: predict_votes(model, images, 1)[0] == labels)
+    judge = _fraction_judge(judge or (lambda images, labels: predict_votes(model, images, 1)[0] == labels))
     x = x.detach()
     x_adv = x.clone()
-    robust = judge(x, y).clone()
-    stages = [("clean", int(robust.sum()))]
+    right = judge(x, y)
+    stages = [("clean", int((right == 1).sum()))]
     for name, attack in _stages(attacks, progress, stages):
-        remaining = robust.nonzero().flatten()
+        remaining = (right > 0).nonzero().flatten()
         if len(remaining) == 0:
             break
         with _modes_preserved(model):
             candidates = _candidates(attack, x[remaining], y[remaining])
-        for candidate in candidates:  # each judged on the images no earlier candidate broke
-            left = robust[remaining]
-            if not left.any():
-                break
-            broken = torch.zeros_like(left)
-            broken[left] = ~judge(candidate[left], y[remaining][left])
-            x_adv[remaining[broken]] = candidate[broken]
-            robust[remaining[broken]] = False
-        stages.append((name, int(robust.sum())))
-    return AutoAttackResult(x_adv, robust, stages)
+        for candidate in candidates:
+            score = judge(candidate, y[remaining])
+            keep = score <= right[remaining]
+            x_adv[remaining[keep]] = candidate[keep]
+            right[remaining[keep]] = score[keep]
+        stages.append((name, int((right == 1).sum())))
+    return AutoAttackResult(x_adv, right == 1, stages, right)
+
+
+def _fraction_judge(judge):
+    def fraction(images, labels):
+        right = judge(images, labels).detach().to(torch.float64).clone()
+        if right.shape != labels.shape or right.isnan().any() or right.min() < 0 or right.max() > 1:
+            raise ValueError(f"judge must return one fraction of right predictions in [0, 1] per image, shape "
+                             f"{tuple(labels.shape)}; got shape {tuple(right.shape)}, values {right.tolist()}")
+        return right
+    return fraction
 
 
 def _candidates(attack, x, y):

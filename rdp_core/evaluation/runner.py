@@ -247,7 +247,7 @@ class _Evaluation:
         if c.attack.startswith("autoattack"):
             result = autoattack(self.gradient_model, x, y, norm=c.norm, eps=job.eps,
                                 version=c.attack.removeprefix("autoattack-"), iterations=c.iterations, eot=c.eot,
-                                square_queries=c.square_queries, seed=c.seed, judge=self._all_votes_right,
+                                square_queries=c.square_queries, seed=c.seed, judge=self._right_fraction,
                                 progress=self.progress)
             return result.x_adv, None
         result = pgd_eot(self.gradient_model, x, y, norm=c.norm, eps=job.eps, iterations=c.iterations,
@@ -255,8 +255,8 @@ class _Evaluation:
                          progress=self.progress)
         return result.x_adv, result.correct_fraction
 
-    def _all_votes_right(self, x, y):
-        return (predict_votes(self.defense, x, self.config.votes, self.config.eot_chunk) == y).all(0)
+    def _right_fraction(self, x, y):
+        return (predict_votes(self.defense, x, self.config.votes, self.config.eot_chunk) == y).double().mean(0)
 
     def _reseed(self, job, indices):
         """Noise as a function of (seed, job, the batch's first image and size): a batch resumed as it was run

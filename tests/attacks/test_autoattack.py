@@ -22,12 +22,71 @@ def test_rand_autoattack_runs_eot_and_the_given_judge(resnet20, test_images, noi
 
     def judge(images, labels):
         calls.append(len(images))
-        return (predict_votes(model, images, 3) == labels).all(0)
+        return (predict_votes(model, images, 3) == labels).double().mean(0)
 
     result = autoattack(model, x, y, norm="l2", eps=0.5, version="rand", iterations=5, eot=2, judge=judge)
     assert [name for name, _ in result.stages] == ["clean", "APGD-CE"] or result.stages[-1][0] == "APGD-DLR"
     assert calls[0] == 6 and (result.x_adv - x).flatten(1).norm(dim=1).max() <= 0.5 + 1e-5
     assert result.robust.float().mean() < 0.5
+    assert torch.equal(result.robust, result.right_fraction == 1)
+
+
+class _ScriptedJudge:
+    """A judge whose verdicts are set by the test: `script(call, images)` -> the fraction right per image;
+    it keeps every batch it was shown."""
+
+    def __init__(self, script):
+        self.script, self.shown = script, []
+
+    def __call__(self, images, labels):
+        self.shown.append(images.clone())
+        return torch.full((len(labels),), self.script(len(self.shown) - 1, images), dtype=torch.float64)
+
+
+def _short_rand_autoattack(resnet20, x, y, judge):
+    return autoattack(resnet20.eval(), x, y, version="rand", iterations=2, eot=1, judge=judge)
+
+
+def test_an_image_partly_wrong_before_the_attack_is_still_attacked(resnet20, test_images):
+    # A randomized defense that gets one of five purifications of the clean image wrong is not broken under
+    # a majority verdict; before the fix the cascade skipped such images and handed the judge the clean image.
+    x, y = (t[:3] for t in test_images)
+    judge = _ScriptedJudge(lambda call, images: 0.8)
+    result = _short_rand_autoattack(resnet20, x, y, judge)
+    assert (result.x_adv != x).flatten(1).any(1).all()
+    assert (result.x_adv - x).abs().max() <= 8 / 255 + 1e-6
+    assert [len(images) for images in judge.shown] == [3] * 5  # the clean images, then 2 candidates x 2 attacks
+
+
+def test_an_image_no_attack_breaks_keeps_an_adversarial_candidate(resnet20, test_images):
+    # The final verdict must be taken on the strongest candidate found, not on the clean image.
+    x, y = (t[:3] for t in test_images)
+    result = _short_rand_autoattack(resnet20, x, y, _ScriptedJudge(lambda call, images: 1.0))
+    assert result.robust.all() and [count for _, count in result.stages] == [3, 3, 3]
+    assert (result.x_adv != x).flatten(1).any(1).all()
+
+
+def test_the_candidate_judged_most_damaging_is_kept(resnet20, test_images):
+    x, y = (t[:3] for t in test_images)
+    verdicts = {0: 1.0, 1: 0.4}  # clean, then APGD-CE's fooling candidate; every later candidate 0.6
+    judge = _ScriptedJudge(lambda call, images: verdicts.get(call, 0.6))
+    result = _short_rand_autoattack(resnet20, x, y, judge)
+    assert torch.equal(result.x_adv, judge.shown[1]) and (result.right_fraction == 0.4).all()
+    assert not result.robust.any()
+
+
+def test_an_image_wrong_on_every_purification_leaves_the_cascade(resnet20, test_images):
+    x, y = (t[:3] for t in test_images)
+    judge = _ScriptedJudge(lambda call, images: 1.0 if call == 0 else 0.0)
+    result = _short_rand_autoattack(resnet20, x, y, judge)
+    assert len(judge.shown) == 3 and [name for name, _ in result.stages] == ["clean", "APGD-CE"]
+    assert torch.equal(result.x_adv, judge.shown[2])  # both candidates wrong everywhere: the later one
+
+
+def test_a_judge_must_return_a_fraction_per_image(resnet20, test_images):
+    x, y = (t[:2] for t in test_images)
+    with pytest.raises(ValueError, match="fraction of right predictions"):
+        autoattack(resnet20, x, y, version="rand", iterations=1, eot=1, judge=lambda images, labels: labels * 2.0)
 
 
 def test_unknown_version_is_a_clear_error(resnet20, test_images):
