@@ -15,6 +15,9 @@ The sanity checks flag what gradient masking looks like (Athalye et al. 2018; Ca
   eps:         the attacked accuracy must not rise significantly from one eps to a larger one;
   iterations:  the share of EOT forwards still right must not rise significantly from a quarter of the
                PGD iterations to the last.
+  attacked:    the images counted robust (by majority vote) at an eps above 0 must have been attacked: at
+               most `about_zero` of them may have an adversarial image equal to the clean one (an attack that
+               skips images, or hands back the clean image where it failed, leaves its verdicts to chance).
 "Significantly" is an exact one-sided sign test at 5% over the images that changed (for eps: became right
 against became wrong; for iterations: rose against fell), exact because these counts are small, where a
 normal approximation flags rises like 3 to 0 (p = 0.125). "About 0" is at most `about_zero` (5%) of the
@@ -108,7 +111,7 @@ def sanity_checks(table, norm, about_zero=ABOUT_ZERO):
                               table["undefended"], clean, about_zero),
             _about_zero_check("unbounded", "unbounded l2 attack drives the defense to about 0",
                               table["unbounded-l2"], clean, about_zero),
-            _eps_check(table, norm), _iterations_check(table)]
+            _eps_check(table, norm), _iterations_check(table), _attacked_check(table, about_zero)]
 
 
 def _about_zero_check(name, claim, by_eps, clean, about_zero):
@@ -163,6 +166,19 @@ def _iterations_check(table):
     return _check("iterations", claim, not significant,
                   f"share of EOT forwards right changed by {100 * mean:+.1f} points from 1/4 of the iterations "
                   f"to the last ({len(changes)} image-eps pairs: {rose} rose, {fell} fell)")
+
+
+def _attacked_check(table, about_zero):
+    claim = "every image counted robust was attacked"
+    clean = table["clean"][0.0]
+    robust = [r for eps, records in table["attack"].items() if float(eps) > 0 for i, r in records.items()
+              if r["correct_majority"] and clean.get(i, {}).get("correct_majority")]
+    if not robust:
+        return _check("attacked", claim, None, "no image counted robust at an eps above 0")
+    unperturbed = sum(r["linf"] == 0 for r in robust)
+    return _check("attacked", claim, unperturbed <= about_zero * len(robust),
+                  f"{unperturbed} of the {len(robust)} image-eps pairs counted robust by majority vote had an "
+                  f"adversarial image equal to the clean one (limit {100 * about_zero:.0f}%)")
 
 
 def _check(name, claim, passed, detail):

@@ -46,7 +46,7 @@ def test_diffpure_evaluation_writes_votes_records_summary_and_plot(resnet20, tes
     assert all(r["linf"] <= r["eps"] + 1e-6 for r in attacked)
     assert ("correct_fraction" in attacked[0]) == (attack != "autoattack-rand")
     assert [row["eps"] for row in summary["rows"]] == [round(4 / 255, 9), round(8 / 255, 9)]
-    assert {c["name"] for c in summary["sanity"]} == {"undefended", "unbounded", "eps", "iterations"}
+    assert {c["name"] for c in summary["sanity"]} == {"undefended", "unbounded", "eps", "iterations", "attacked"}
     stored = json.loads((tmp_path / "summary.json").read_text())
     assert stored["config"]["attack"] == attack and stored["rows"] == json.loads(json.dumps(summary["rows"]))
     assert (tmp_path / "accuracy_vs_eps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -25,7 +25,7 @@ def checks(classifier, images, tmp_path, **config):
 
 def test_an_honest_attack_passes_every_check(resnet20, half_wrong, tmp_path):
     assert checks(resnet20, half_wrong, tmp_path) == {"undefended": "pass", "unbounded": "pass", "eps": "pass",
-                                                     "iterations": "pass"}
+                                                     "iterations": "pass", "attacked": "not run"}
 
 
 def test_a_zero_gradient_fails_the_about_zero_checks(resnet20, half_wrong, tmp_path, broken_gradient):

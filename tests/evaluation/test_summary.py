@@ -73,3 +73,16 @@ def test_a_majority_tie_is_wrong_whatever_the_class_indices(tmp_path):
     store.append([{"kind": "clean", "index": 6, "label": 1, "eps": 0.0, "votes": [3, 1, 5, 5, 1],
                    "correct_all": False, "correct_majority": True}])
     assert store.read_all()[0]["correct_majority"] is False
+
+
+def test_attacked_check_flags_robust_images_the_attack_left_unperturbed():
+    clean = [record("clean", i, 0.0, [0, 0, 0]) for i in range(20)]
+    attacked = [record("attack", i, 0.03, [0, 0, 1]) for i in range(20)]  # all robust by majority, all moved
+    assert summarize(clean + attacked)["sanity"][4]["status"] == "pass"
+    attacked[0]["linf"] = 0.0  # one of 20 (5%) handed back unperturbed: within the limit
+    assert summarize(clean + attacked)["sanity"][4]["status"] == "pass"
+    attacked[1]["linf"] = 0.0
+    check = summarize(clean + attacked)["sanity"][4]
+    assert check["name"] == "attacked" and check["status"] == "FAIL" and check["detail"].startswith("2 of the 20")
+    broken = [record("attack", i, 0.03, [1, 1, 1]) for i in range(20)]  # nothing robust: nothing to check
+    assert summarize(clean + broken)["sanity"][4]["status"] == "not run"
