@@ -6,14 +6,13 @@ its metadata asks for torchvision, which would replace a CPU build of torch, whi
 torch, numpy and scipy). The ensemble itself is assembled here rather than taken from torchattacks'
 `AutoAttack` class, because that class leaves APGD and FAB at torchattacks' default of 10 iterations where
 AutoAttack runs 100, and because it decides which images survive from one forward; for a randomized
-defense, survival must be judged the evaluator's way (right on every one of N purifications), so `judge`
-is a parameter.
+defense, survival must be judged the evaluator's way (over its N purifications), so `judge` is a parameter.
 
 For a randomized defense "broken" is a matter of degree (how many of the N purifications are wrong), and the
 verdicts reported from one attacked image differ (all N right, a majority right, each purification counted):
 so the judge returns the fraction of its purifications that are right, every candidate any attack produces
-is judged, each image keeps the candidate judged most damaging (the later one on a tie, so an adversarial
-candidate rather than the clean image), and an image leaves the cascade only once a candidate makes every
+is judged, each image keeps the candidate judged most damaging (on a tie the later one, unless that is the
+clean image an attack hands back where it failed), and an image leaves the cascade only once a candidate makes every
 judged purification wrong. For a deterministic model (fractions 0 or 1) this is AutoAttack's own cascade.
 
 Versions, as in the AutoAttack paper's code:
@@ -74,7 +73,9 @@ def autoattack(model, x, y, *, norm="linf", eps=None, version="rand", n_classes=
             candidates = _candidates(attack, x[remaining], y[remaining])
         for candidate in candidates:
             score = judge(candidate, y[remaining])
-            keep = score <= right[remaining]
+            # On a tie the later candidate wins, unless it is the clean image an attack returns where it failed.
+            moved = (candidate != x[remaining]).flatten(1).any(1)
+            keep = (score < right[remaining]) | ((score == right[remaining]) & moved)
             x_adv[remaining[keep]] = candidate[keep]
             right[remaining[keep]] = score[keep]
         stages.append((name, int((right == 1).sum())))

@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -81,6 +83,18 @@ def test_an_image_wrong_on_every_purification_leaves_the_cascade(resnet20, test_
     result = _short_rand_autoattack(resnet20, x, y, judge)
     assert len(judge.shown) == 3 and [name for name, _ in result.stages] == ["clean", "APGD-CE"]
     assert torch.equal(result.x_adv, judge.shown[2])  # both candidates wrong everywhere: the later one
+
+
+def test_a_failed_attack_handing_back_the_clean_image_does_not_replace_a_candidate(resnet20, test_images,
+                                                                                   monkeypatch):
+    # AutoAttack's other attacks (FAB, Square) return the input where they fail; on a tie the adversarial
+    # candidate found earlier must stay, or the verdict is taken on the clean image.
+    module = sys.modules["rdp_core.attacks.autoattack"]  # the package exports the function under this name
+    x, y = (t[:3] for t in test_images)
+    perturbed = (x + 4 / 255).clamp(0, 1)
+    monkeypatch.setattr(module, "_candidates", lambda attack, images, labels: [perturbed, images.clone()])
+    result = _short_rand_autoattack(resnet20, x, y, _ScriptedJudge(lambda call, images: 1.0))
+    assert torch.equal(result.x_adv, perturbed)
 
 
 def test_a_judge_must_return_a_fraction_per_image(resnet20, test_images):
