@@ -69,7 +69,7 @@ def autoattack(model, x, y, *, norm="linf", eps=None, version="rand", n_classes=
         remaining = (right > 0).nonzero().flatten()
         if len(remaining) == 0:
             break
-        with _modes_preserved(model):
+        with _modes_preserved(model), _forward_count(model, name, attack, progress):
             candidates = _candidates(attack, x[remaining], y[remaining])
         for candidate in candidates:
             score = judge(candidate, y[remaining])
@@ -131,6 +131,29 @@ def _modes_preserved(model):
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextlib.contextmanager
+def _forward_count(model, name, attack, progress):
+    """A running count of the model's forwards (each with its backward) during one attack: on the CPU one APGD
+    stage on a purifier runs for most of an hour, and the stage bar alone would not move. APGD's single run
+    makes (steps + 1) x eot_iter forwards; other attacks' counts are not known beforehand."""
+    if not progress:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    apgd = isinstance(attack, import_torchattacks().APGD)
+    total = (attack.steps + 1) * attack.eot_iter if apgd else None
+    with tqdm(total=total, desc=name, unit="forward", leave=False) as bar:
+        def count(*_):
+            bar.update(1)  # no return value: a forward hook's return value would replace the output
+
+        handle = model.register_forward_hook(count)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 def import_torchattacks():

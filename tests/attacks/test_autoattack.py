@@ -146,3 +146,12 @@ def test_apgd_attacks_the_images_one_forward_gets_wrong(resnet20, test_images):
     for candidate in (fooling, highest_loss):
         assert (candidate - x).abs().max() <= 8 / 255 + 1e-6 and (candidate != x).flatten(1).any(1).all()
     assert (resnet20(fooling).argmax(1) != y).sum() >= 3  # and the attack works (5 steps: 3 of 4 fooled)
+
+
+def test_progress_counts_each_apgd_forward_and_removes_its_hook(resnet20, test_images, capsys):
+    x, y = (t[:2] for t in test_images)
+    model = resnet20.eval()
+    autoattack(model, x, y, version="rand", iterations=3, eot=2, progress=True)
+    shown = capsys.readouterr().err
+    assert "APGD-CE:" in shown and "/8 [" in shown and "forward/s" in shown  # (3 steps + 1) x 2 EOT samples
+    assert not model._forward_hooks
