@@ -2,6 +2,9 @@
 import json
 import math
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from scipy.stats import beta, binomtest
@@ -161,14 +164,14 @@ def write_run(folder, defense, clean, attacked, eps=0.031372549, **changes):
                          eps, **changes)
 
 
-def write_voted_run(folder, defense, clean, attacked, votes=5):
+def write_voted_run(folder, defense, clean, attacked, votes=5, **changes):
     """An eval output folder whose records hold each purification's prediction: `votes` per image, of which
     clean[i] (attacked[i]) predict the label 0."""
     def record(right):
         return {"label": 0, "votes": [0] * right + [1] * (votes - right), "correct_all": right == votes,
                 "correct_majority": 2 * right > votes, "linf": 0.0, "l2": 0.0}  # summarize reads the norms
     return write_records(folder, defense, [[record(k) for k in counts] for counts in (clean, attacked)],
-                         votes=votes)
+                         votes=votes, **changes)
 
 
 def write_records(folder, defense, clean_and_attacked, eps=0.031372549, **changes):
@@ -318,3 +321,21 @@ def test_compare_command_adjusts_for_looks(tmp_path, capsys):
         compare([write_voted_run(tmp_path / "c", "diffpure", clean=[5], attacked=[1]),
                  write_voted_run(tmp_path / "d", "agdm", clean=[5], attacked=[2])], verdict="per purification",
                 looks=[1])
+
+
+def test_per_image_verdicts_takes_the_worst_case_over_attacks(tmp_path):
+    # Right purifications of 5 per attacked image: PGD-EOT leaves images 0 and 1 robust by majority,
+    # AutoAttack 0 and 2; only image 0 survives both.
+    pgd = write_voted_run(tmp_path / "pgd", "agdm", clean=[5, 5, 5, 5], attacked=[5, 3, 1, 0])
+    aa = write_voted_run(tmp_path / "aa", "agdm", clean=[5, 5, 5, 5], attacked=[4, 2, 3, 0], attack="autoattack-rand")
+    script = Path(__file__).parents[2] / "python" / "per_image_verdicts.py"
+
+    def shown(*options):
+        return subprocess.run([sys.executable, str(script), str(pgd), str(aa), *options], capture_output=True,
+                              text=True, check=True).stdout
+
+    everything = shown()
+    assert "majority 50.00%, per purification attacked 45.00%, robust by majority: 1100" in everything
+    assert "majority 50.00%, per purification attacked 45.00%, robust by majority: 1010" in everything
+    assert "worst case over these runs: majority 25.00%, robust: 1000" in everything
+    assert "worst case over these runs: majority 50.00%, robust: 10\n" in shown("--first", "2")
