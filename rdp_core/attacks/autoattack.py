@@ -65,7 +65,13 @@ def autoattack(model, x, y, *, norm="linf", eps=None, version="rand", n_classes=
     x_adv = x.clone()
     right = judge(x, y)
     stages = [("clean", int((right == 1).sum()))]
-    for name, attack in _stages(attacks, progress, stages):
+
+    # The bar shows how many images the next attack takes on (at least one right purification) and how many
+    # are still right on every purification (AutoAttack's robust).
+    def standing():
+        return {"attacking": int((right > 0).sum()), "robust": int((right == 1).sum())}
+
+    for name, attack in _stages(attacks, progress, standing):
         remaining = (right > 0).nonzero().flatten()
         if len(remaining) == 0:
             break
@@ -166,7 +172,7 @@ def import_torchattacks():
     return torchattacks
 
 
-def _stages(attacks, progress, stages):
+def _stages(attacks, progress, standing):
     if not progress:
         yield from attacks
         return
@@ -174,5 +180,5 @@ def _stages(attacks, progress, stages):
 
     with tqdm(attacks, desc="AutoAttack", unit="attack", leave=False) as bar:
         for name, attack in bar:
-            bar.set_postfix(attack=name, robust=stages[-1][1])
+            bar.set_postfix(attack=name, **standing())
             yield name, attack

@@ -154,4 +154,5 @@ def test_progress_counts_each_apgd_forward_and_removes_its_hook(resnet20, test_i
     autoattack(model, x, y, version="rand", iterations=3, eot=2, progress=True)
     shown = capsys.readouterr().err
     assert "APGD-CE:" in shown and "/8 [" in shown and "forward/s" in shown  # (3 steps + 1) x 2 EOT samples
+    assert "attack=APGD-CE, attacking=2, robust=2" in shown
     assert not model._forward_hooks
