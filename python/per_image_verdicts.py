@@ -10,8 +10,8 @@ accuracy, and the worst case: an image counts robust only where every run's atta
 """
 import argparse
 
-from rdp_core.evaluation.compare import load_run
-from rdp_core.evaluation.summary import right_votes
+from rdp_core.evaluation.compare import _verdicts, load_run
+from rdp_core.evaluation.summary import _vote_share
 
 
 def attacked_images(pairs, first):
@@ -31,8 +31,8 @@ def main():
         print(f"eps {eps}, {len(images)} images {images[0]}..{images[-1]}:")
         worst = [True] * len(images)
         for run, pairs in runs:
-            robust = [pairs[eps][i][0]["correct_majority"] and pairs[eps][i][1]["correct_majority"] for i in images]
-            shares = [right_votes(pairs[eps][i][1]) / len(pairs[eps][i][1]["votes"]) for i in images]
+            robust = _verdicts(pairs[eps], images, "correct_majority")[1]
+            shares = [_vote_share(pairs[eps][i][1]) for i in images]
             worst = [w and r for w, r in zip(worst, robust)]
             print(f"  {run}: majority {100 * sum(robust) / len(images):.2f}%, per purification attacked "
                   f"{100 * sum(shares) / len(images):.2f}%, robust by majority: {''.join('01'[r] for r in robust)}")
