@@ -141,7 +141,7 @@ def _modes_preserved(model):
 
 @contextlib.contextmanager
 def _forward_count(model, name, attack, progress):
-    """A running count of the model's forwards (each with its backward) during one attack: on the CPU one APGD
+    """A running count of the model's forwards (APGD's each with a backward) during one attack: on the CPU one APGD
     stage on a purifier runs for most of an hour, and the stage bar alone would not move. APGD's single run
     makes (steps + 1) x eot_iter forwards; other attacks' counts are not known beforehand."""
     if not progress:
