@@ -29,6 +29,7 @@ from rdp_core.evaluation import ATTACKS, DEFENSES, EvalConfig, evaluate
 from rdp_core.evaluation.compare import VERDICTS, write_comparison
 from rdp_core.evaluation.distributed import init_from_env, shutdown
 from rdp_core.evaluation.runner import device_name, summarize_again
+from rdp_core.evaluation.worst_case import write_worst_case
 from rdp_core.guidance.objectives import SCHEDULES
 from rdp_core.guidance.trades import TradesConfig, train_auxiliary
 from rdp_core.models import GaussianEpsModel, load_cifar_resnet, load_classifier
@@ -52,6 +53,7 @@ def main(argv=None):
     _add_eval_command(commands)
     _add_compare_command(commands)
     _add_summarize_command(commands)
+    _add_worst_case_command(commands)
     args = parser.parse_args(argv)
     args.command_line = " ".join(["rdp-core"] + list(sys.argv[1:] if argv is None else argv))
     return args.run(args)
@@ -270,6 +272,26 @@ def _add_summarize_command(commands):
                             "progress, or runs read under a newer rule), keeping each run's own provenance")
     p.add_argument("runs", nargs="+", type=Path, help="rdp-core eval output folders")
     p.set_defaults(run=run_summarize)
+
+
+def _add_worst_case_command(commands):
+    p = commands.add_parser("worst-case", help="one defense's runs under several attacks as one run: per image, "
+                            "the attack that did best (the field's worst case over attacks); summarize and compare "
+                            "read it like any run")
+    p.add_argument("runs", nargs="+", type=Path,
+                   help="rdp-core eval output folders of one defense, the first giving the clean verdicts")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(run=run_worst_case)
+
+
+def run_worst_case(args):
+    try:
+        write_worst_case(args.runs, args.out)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"rdp-core worst-case: {error}") from None
+    print((args.out / "summary.md").read_text())
+    print(f"wrote {args.out}: config.json, records, summary.json, summary.md and accuracy_vs_eps.png")
+    return 0
 
 
 def run_summarize(args):

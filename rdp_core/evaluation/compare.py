@@ -49,7 +49,8 @@ VERDICTS = (*BOOLEAN_VERDICTS, PER_PURIFICATION)
 # Sample-size planning: the conventional 80% power, in whole batches of the evaluator, up to what a GPU could run.
 TARGET_POWER, IMAGE_STEP, IMAGE_LIMIT = 0.8, 16, 10_000
 # Settings that must agree for two runs to be compared image by image (the defense's own settings may differ).
-SAME_ATTACK = ("attack", "norm", "iterations", "eot", "step_size", "votes", "seed", "classifier", "square_queries")
+SAME_ATTACK = ("attack", "norm", "iterations", "eot", "step_size", "votes", "seed", "classifier", "square_queries",
+               "attacks")  # "attacks": those a worst case over attacks (worst_case.py) was made of
 
 
 def load_run(out_dir):

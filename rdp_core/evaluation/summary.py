@@ -227,7 +227,10 @@ def markdown(summary, config):
 
 
 def attack_text(config):
-    """The attack as the reports name it: `pgd-eot` (l2, 10 iterations x 4 EOT, step eps/4)."""
+    """The attack as the reports name it: `pgd-eot` (l2, 10 iterations x 4 EOT, step eps/4); a worst case over
+    attacks (worst_case.py) by the attacks it was made of."""
+    if config.get("attacks"):
+        return f"`{config['attack']}` per image of " + " and ".join(attack_text(a) for a in config["attacks"])
     text = f"`{config['attack']}` ({config['norm']}, {config['iterations']} iterations x {config['eot']} EOT"
     if config["attack"] in ("pgd-eot", "bpda-eot"):
         text += ", step " + ("eps/4" if config["step_size"] is None else f"{config['step_size']:g}")

@@ -2,9 +2,6 @@
 import json
 import math
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from scipy.stats import beta, binomtest
@@ -15,6 +12,8 @@ from rdp_core.evaluation.compare import (clopper_pearson, compare, conditional_e
 from rdp_core.evaluation.records import RecordStore
 from rdp_core.evaluation.summary import summarize, wilson_interval
 from rdp_core.evaluation.vote_shares import paired_share_difference
+
+from eval_runs import write_run, write_voted_run
 
 
 @pytest.mark.parametrize("b, c", [(0, 0), (3, 0), (7, 2), (12, 12), (1, 9), (30, 18), (600, 500), (2900, 3100)])
@@ -153,39 +152,6 @@ def test_bad_verdict_lists_are_refused():
         paired_difference([], [])
 
 
-ATTACK = {"attack": "pgd-eot", "norm": "linf", "iterations": 10, "eot": 4, "step_size": 0.007, "votes": 2,
-          "seed": 0, "classifier": "resnet56.th"}
-
-
-def write_run(folder, defense, clean, attacked, eps=0.031372549, **changes):
-    """An eval output folder: config.json and records as rdp-core eval writes them (without votes)."""
-    return write_records(folder, defense, [[{"correct_all": right_all, "correct_majority": right_majority}
-                                            for right_all, right_majority in flags] for flags in (clean, attacked)],
-                         eps, **changes)
-
-
-def write_voted_run(folder, defense, clean, attacked, votes=5, **changes):
-    """An eval output folder whose records hold each purification's prediction: `votes` per image, of which
-    clean[i] (attacked[i]) predict the label 0."""
-    def record(right):
-        return {"label": 0, "votes": [0] * right + [1] * (votes - right), "correct_all": right == votes,
-                "correct_majority": 2 * right > votes, "linf": 0.0, "l2": 0.0}  # summarize reads the norms
-    return write_records(folder, defense, [[record(k) for k in counts] for counts in (clean, attacked)],
-                         votes=votes, **changes)
-
-
-def write_records(folder, defense, clean_and_attacked, eps=0.031372549, **changes):
-    (folder / "records").mkdir(parents=True)
-    config = {**ATTACK, "defense": defense, "t_star": 0.1, "guidance_options": None, **changes}
-    (folder / "config.json").write_text(json.dumps(config))
-    lines = []
-    for (kind, eps_value), records in zip((("clean", 0.0), ("attack", eps)), clean_and_attacked):
-        lines += [json.dumps({"kind": kind, "index": index, "eps": eps_value, **record})
-                  for index, record in enumerate(records)]
-    (folder / "records" / "rank0-of-1.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
-
-
 def test_compare_pairs_the_images_both_runs_attacked(tmp_path):
     base = write_run(tmp_path / "diffpure", "diffpure", clean=[(True, True)] * 6,
                      attacked=[(True, True), (False, True), (False, False), (False, False), (True, True)])
@@ -321,21 +287,3 @@ def test_compare_command_adjusts_for_looks(tmp_path, capsys):
         compare([write_voted_run(tmp_path / "c", "diffpure", clean=[5], attacked=[1]),
                  write_voted_run(tmp_path / "d", "agdm", clean=[5], attacked=[2])], verdict="per purification",
                 looks=[1])
-
-
-def test_per_image_verdicts_takes_the_worst_case_over_attacks(tmp_path):
-    # Right purifications of 5 per attacked image: PGD-EOT leaves images 0 and 1 robust by majority,
-    # AutoAttack 0 and 2; only image 0 survives both.
-    pgd = write_voted_run(tmp_path / "pgd", "agdm", clean=[5, 5, 5, 5], attacked=[5, 3, 1, 0])
-    aa = write_voted_run(tmp_path / "aa", "agdm", clean=[5, 5, 5, 5], attacked=[4, 2, 3, 0], attack="autoattack-rand")
-    script = Path(__file__).parents[2] / "python" / "per_image_verdicts.py"
-
-    def shown(*options):
-        return subprocess.run([sys.executable, str(script), str(pgd), str(aa), *options], capture_output=True,
-                              text=True, check=True).stdout
-
-    everything = shown()
-    assert "majority 50.00%, per purification attacked 45.00%, robust by majority: 1100" in everything
-    assert "majority 50.00%, per purification attacked 45.00%, robust by majority: 1010" in everything
-    assert "worst case over these runs: majority 25.00%, robust: 1000" in everything
-    assert "worst case over these runs: majority 50.00%, robust: 10\n" in shown("--first", "2")

@@ -1,0 +1,144 @@
+"""The worst case over attacks, image by image: one defense's runs under several attacks read as one run.
+
+The field reports robustness against an ensemble of attacks per image (AutoAttack's own cascade does): an
+image counts robust only where no attack broke it. `rdp-core compare` refuses runs attacked differently, so
+this combines runs of one defense (the same purifier, classifier, t*, votes and norm) under different attacks
+into an evaluation folder of its own, with config.json, records and summary like any other: per image and eps
+it keeps the attacked record of the attack that did best against the defense (fewest votes right by majority,
+then the smallest share of right purifications, then the all-votes verdict), so the majority and all-votes
+verdicts are exactly the minimum over the attacks. Its clean records are the first run's: one clean
+evaluation, as in any run (the others' clean purifications drew other noise). `summarize` and `compare` read
+the folder as they read any run; two combined folders compare when their attacks were the same.
+
+What a single run's sanity checks test does not carry over: the undefended and unbounded checks are the runs'
+own, and the iterations check reads one attack's trace, which a per-image choice among attacks would bias, so
+the combined summary lists each run's checks instead and keeps only the eps and attacked checks.
+"""
+import json
+from pathlib import Path
+
+from rdp_core.evaluation.records import CONFIG_FILE, RECORDS_DIR, RecordStore
+from rdp_core.evaluation.summary import _vote_share, by_kind, eps_text
+
+WORST_CASE = "worst-case"
+# What makes two runs runs of the same defense, whatever attacked them.
+SAME_DEFENSE = ("defense", "t_star", "solver", "steps", "votes", "norm", "classifier", "classifier_arch", "model",
+                "guidance_options", "auxiliary")
+# What says how one run attacked, kept per run in the combined config.
+ATTACK_SETTINGS = ("attack", "norm", "iterations", "eot", "step_size", "seed", "square_queries")
+# The iterations check reads a PGD trace; one attack's, chosen per image, would bias it.
+RUN_OWN_FIELDS = ("correct_fraction",)
+
+
+def worst_case(out_dirs):
+    """(config, records) of the per-image worst case over the runs in `out_dirs` (the first gives the clean
+    records), on the images and eps every run attacked."""
+    if len(out_dirs) < 2:
+        raise ValueError("a worst case over attacks needs at least two evaluation folders")
+    runs = [(str(d), *_load(d)) for d in out_dirs]
+    _check_same_defense(runs)
+    first_clean = runs[0][2]["clean"][0.0]
+    attacked = []
+    for eps in sorted(set.intersection(*(set(table["attack"]) for _, _, table in runs)), key=float):
+        images = set.intersection(*(set(table["attack"][eps]) for _, _, table in runs)) & set(first_clean)
+        for index in sorted(images):
+            source, record = min(((name, table["attack"][eps][index]) for name, _, table in runs),
+                                 key=lambda candidate: attack_outcome(candidate[1]))
+            kept = {k: v for k, v in record.items() if k not in RUN_OWN_FIELDS}
+            attacked.append({**kept, "source": source})
+    if not attacked:
+        raise ValueError(f"the runs {[name for name, _, _ in runs]} have no attacked image and eps in common")
+    images = sorted({r["index"] for r in attacked})
+    return _combined_config(runs, len(images)), [first_clean[i] for i in images] + attacked
+
+
+def attack_outcome(record):
+    """Orders attacked records from the attack that did best: right by majority last, then by the share of right
+    purifications, then right on all votes last."""
+    if "votes" not in record:
+        raise ValueError("the worst case over attacks needs each record's votes, and these records have none "
+                         f"(image {record['index']}); they were written before votes were recorded")
+    return record["correct_majority"], _vote_share(record), record["correct_all"]
+
+
+def write_worst_case(out_dirs, out):
+    """Writes the combined evaluation folder `out` (config, records, summary.json/.md with a per-image table,
+    accuracy_vs_eps.png) and returns its summary."""
+    from rdp_core.evaluation.runner import write_summary
+
+    out = Path(out)
+    if any(out.resolve() == Path(d).resolve() for d in out_dirs):
+        raise ValueError(f"--out {out} is one of the runs combined: choose another folder")
+    if (out / CONFIG_FILE).is_file() and json.loads((out / CONFIG_FILE).read_text()).get("attack") != WORST_CASE:
+        raise ValueError(f"--out {out} holds an evaluation of its own: choose another folder")
+    config, records = worst_case(out_dirs)
+    runs_section = runs_markdown(out_dirs, records, config["norm"])
+    (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    (out / RECORDS_DIR / "rank0-of-1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = write_summary(out, config, records)
+    with open(out / "summary.md", "a") as f:
+        f.write(runs_section)
+    return summary
+
+
+def runs_markdown(out_dirs, records, norm):
+    """Each run's sanity checks, and per image and eps which run's attack did best and each run's verdict."""
+    statuses = [{c["name"]: c["status"] for c in _sanity(d)} for d in out_dirs]
+    names = list(dict.fromkeys(name for run in statuses for name in run))
+    lines = ["", "Sanity checks of the runs combined (the undefended, unbounded and iterations checks are theirs):",
+             "", "| run | " + " | ".join(names) + " |", "|" + " --- |" * (1 + len(names))]
+    lines += [f"| {d} | " + " | ".join(run.get(name, "-") for name in names) + " |" for d, run in zip(out_dirs, statuses)]
+    tables = [by_kind(RecordStore(d).read_all())["attack"] for d in out_dirs]
+    lines += ["", "Right purifications of the attacked image per run (M: right by majority), and the run kept:", "",
+              "| eps | image | " + " | ".join(str(d) for d in out_dirs) + " | kept |",
+              "|" + " --- |" * (3 + len(out_dirs))]
+    for r in (r for r in records if r["kind"] == "attack"):
+        cells = [_votes_cell(table[r["eps"]][r["index"]]) for table in tables]
+        lines.append(f"| {eps_text(r['eps'], norm)} | {r['index']} | " + " | ".join(cells) + f" | {r['source']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _votes_cell(record):
+    return f"{sum(v == record['label'] for v in record['votes'])}/{len(record['votes'])}" + (
+        " M" if record["correct_majority"] else "")
+
+
+def _sanity(out_dir):
+    path = Path(out_dir) / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{out_dir} has no summary.json: run `rdp-core summarize {out_dir}` first")
+    return json.loads(path.read_text())["sanity"]
+
+
+def _load(out_dir):
+    out_dir = Path(out_dir)
+    config_path = out_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{out_dir} is not an rdp-core eval output folder: no {CONFIG_FILE}")
+    config = json.loads(config_path.read_text())
+    if config.get("attack") == WORST_CASE:
+        raise ValueError(f"{out_dir} is a worst case already: combine the runs it was made of instead")
+    table = by_kind(RecordStore(out_dir).read_all())
+    if not table["attack"] or not table["clean"][0.0]:
+        raise ValueError(f"{out_dir} holds no clean and attacked records")
+    return config, table
+
+
+def _check_same_defense(runs):
+    (first_name, first, _), *others = runs
+    for name, config, _ in others:
+        differing = [k for k in SAME_DEFENSE if config.get(k) != first.get(k)]
+        if differing:
+            details = ", ".join(f"{k}: {first.get(k)!r} vs {config.get(k)!r}" for k in differing)
+            raise ValueError(f"{name} evaluated another defense than {first_name} ({details}): a worst case over "
+                             "attacks combines runs of one defense")
+
+
+def _combined_config(runs, n_images):
+    first = runs[0][1]
+    # Per-run attack settings move under "attacks", so that two worst cases compare only when made of the same.
+    return {**{k: v for k, v in first.items() if k not in ATTACK_SETTINGS}, "attack": WORST_CASE,
+            "norm": first["norm"], "n_images": n_images,
+            "attacks": [{k: config.get(k) for k in ATTACK_SETTINGS} for _, config, _ in runs],
+            "runs": [name for name, _, _ in runs]}
