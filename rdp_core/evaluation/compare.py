@@ -333,13 +333,19 @@ def _verdicts(pairs, images, key):
 
 
 def _check_same_attack(runs):
-    (first_name, first, _), *others = runs
-    for name, config, _ in others:
-        differing = [k for k in SAME_ATTACK if config.get(k) != first.get(k)]
+    check_same_settings(runs, SAME_ATTACK, "{name} was not attacked as {first} was ({details}): its verdicts are "
+                        "not comparable image by image")
+
+
+def check_same_settings(runs, keys, refusal):
+    """Raises ValueError, `refusal` formatted with the run's name, the first run's and the settings that differ,
+    where a run of `runs` ((name, config, ...) each) differs from the first in one of `keys`."""
+    (first_name, first, *_), *others = runs
+    for name, config, *_ in others:
+        differing = [k for k in keys if config.get(k) != first.get(k)]
         if differing:
             details = ", ".join(f"{k}: {first.get(k)!r} vs {config.get(k)!r}" for k in differing)
-            raise ValueError(f"{name} was not attacked as {first_name} was ({details}): its verdicts are not "
-                             "comparable image by image")
+            raise ValueError(refusal.format(name=name, first=first_name, details=details))
 
 
 def _defense_name(config):

@@ -4,9 +4,9 @@ The field reports robustness against an ensemble of attacks per image (AutoAttac
 image counts robust only where no attack broke it. `rdp-core compare` refuses runs attacked differently, so
 this combines runs of one defense (the same purifier, classifier, t*, votes and norm) under different attacks
 into an evaluation folder of its own, with config.json, records and summary like any other: per image and eps
-it keeps the attacked record of the attack that did best against the defense (fewest votes right by majority,
-then the smallest share of right purifications, then the all-votes verdict), so the majority and all-votes
-verdicts are exactly the minimum over the attacks. Its clean records are the first run's: one clean
+it keeps the attacked record of the attack that did best against the defense (wrong by majority before
+right, then the smallest share of right purifications, then wrong on some vote before right on all), so the
+majority and all-votes verdicts are exactly the minimum over the attacks. Its clean records are the first run's: one clean
 evaluation, as in any run (the others' clean purifications drew other noise). `summarize` and `compare` read
 the folder as they read any run; two combined folders compare when their attacks were the same.
 
@@ -17,8 +17,9 @@ the combined summary lists each run's checks instead and keeps only the eps and 
 import json
 from pathlib import Path
 
-from rdp_core.evaluation.records import CONFIG_FILE, RECORDS_DIR, RecordStore
-from rdp_core.evaluation.summary import _vote_share, by_kind, eps_text
+from rdp_core.evaluation.compare import check_same_settings, load_run
+from rdp_core.evaluation.records import CONFIG_FILE, RECORDS_DIR
+from rdp_core.evaluation.summary import _vote_share, eps_text, right_votes
 
 WORST_CASE = "worst-case"
 # What makes two runs runs of the same defense, whatever attacked them.
@@ -36,20 +37,18 @@ def worst_case(out_dirs):
     if len(out_dirs) < 2:
         raise ValueError("a worst case over attacks needs at least two evaluation folders")
     runs = [(str(d), *_load(d)) for d in out_dirs]
-    _check_same_defense(runs)
-    first_clean = runs[0][2]["clean"][0.0]
-    attacked = []
-    for eps in sorted(set.intersection(*(set(table["attack"]) for _, _, table in runs)), key=float):
-        images = set.intersection(*(set(table["attack"][eps]) for _, _, table in runs)) & set(first_clean)
-        for index in sorted(images):
-            source, record = min(((name, table["attack"][eps][index]) for name, _, table in runs),
+    check_same_settings(runs, SAME_DEFENSE, "{name} evaluated another defense than {first} ({details}): a worst "
+                        "case over attacks combines runs of one defense")
+    clean, attacked = {}, []
+    for eps in sorted(set.intersection(*(set(pairs) for _, _, pairs in runs)), key=float):
+        for index in sorted(set.intersection(*(set(pairs[eps]) for _, _, pairs in runs))):
+            source, record = min(((name, pairs[eps][index][1]) for name, _, pairs in runs),
                                  key=lambda candidate: attack_outcome(candidate[1]))
-            kept = {k: v for k, v in record.items() if k not in RUN_OWN_FIELDS}
-            attacked.append({**kept, "source": source})
+            attacked.append({**{k: v for k, v in record.items() if k not in RUN_OWN_FIELDS}, "source": source})
+            clean[index] = runs[0][2][eps][index][0]
     if not attacked:
         raise ValueError(f"the runs {[name for name, _, _ in runs]} have no attacked image and eps in common")
-    images = sorted({r["index"] for r in attacked})
-    return _combined_config(runs, len(images)), [first_clean[i] for i in images] + attacked
+    return _combined_config(runs, len(clean)), [clean[i] for i in sorted(clean)] + attacked
 
 
 def attack_outcome(record):
@@ -89,18 +88,18 @@ def runs_markdown(out_dirs, records, norm):
     lines = ["", "Sanity checks of the runs combined (the undefended, unbounded and iterations checks are theirs):",
              "", "| run | " + " | ".join(names) + " |", "|" + " --- |" * (1 + len(names))]
     lines += [f"| {d} | " + " | ".join(run.get(name, "-") for name in names) + " |" for d, run in zip(out_dirs, statuses)]
-    tables = [by_kind(RecordStore(d).read_all())["attack"] for d in out_dirs]
+    attacked = [_load(d)[1] for d in out_dirs]
     lines += ["", "Right purifications of the attacked image per run (M: right by majority), and the run kept:", "",
               "| eps | image | " + " | ".join(str(d) for d in out_dirs) + " | kept |",
               "|" + " --- |" * (3 + len(out_dirs))]
     for r in (r for r in records if r["kind"] == "attack"):
-        cells = [_votes_cell(table[r["eps"]][r["index"]]) for table in tables]
+        cells = [_votes_cell(pairs[r["eps"]][r["index"]][1]) for pairs in attacked]
         lines.append(f"| {eps_text(r['eps'], norm)} | {r['index']} | " + " | ".join(cells) + f" | {r['source']} |")
     return "\n".join(lines) + "\n"
 
 
 def _votes_cell(record):
-    return f"{sum(v == record['label'] for v in record['votes'])}/{len(record['votes'])}" + (
+    return f"{right_votes(record)}/{len(record['votes'])}" + (
         " M" if record["correct_majority"] else "")
 
 
@@ -112,27 +111,10 @@ def _sanity(out_dir):
 
 
 def _load(out_dir):
-    out_dir = Path(out_dir)
-    config_path = out_dir / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{out_dir} is not an rdp-core eval output folder: no {CONFIG_FILE}")
-    config = json.loads(config_path.read_text())
+    config, pairs = load_run(out_dir)
     if config.get("attack") == WORST_CASE:
         raise ValueError(f"{out_dir} is a worst case already: combine the runs it was made of instead")
-    table = by_kind(RecordStore(out_dir).read_all())
-    if not table["attack"] or not table["clean"][0.0]:
-        raise ValueError(f"{out_dir} holds no clean and attacked records")
-    return config, table
-
-
-def _check_same_defense(runs):
-    (first_name, first, _), *others = runs
-    for name, config, _ in others:
-        differing = [k for k in SAME_DEFENSE if config.get(k) != first.get(k)]
-        if differing:
-            details = ", ".join(f"{k}: {first.get(k)!r} vs {config.get(k)!r}" for k in differing)
-            raise ValueError(f"{name} evaluated another defense than {first_name} ({details}): a worst case over "
-                             "attacks combines runs of one defense")
+    return config, pairs
 
 
 def _combined_config(runs, n_images):
