@@ -48,7 +48,7 @@ def worst_case(out_dirs):
             clean[index] = runs[0][2][eps][index][0]
     if not attacked:
         raise ValueError(f"the runs {[name for name, _, _ in runs]} have no attacked image and eps in common")
-    return _combined_config(runs, len(clean)), [clean[i] for i in sorted(clean)] + attacked
+    return _combined_config(runs, attacked), [clean[i] for i in sorted(clean)] + attacked
 
 
 def attack_outcome(record):
@@ -117,10 +117,13 @@ def _load(out_dir):
     return config, pairs
 
 
-def _combined_config(runs, n_images):
+def _combined_config(runs, attacked):
+    """The defense's settings; the attacks' move under "attacks" (so that two worst cases compare only when made
+    of the same attacks), and what each run did on its own (batch size, sanity-check settings) stays in its
+    folder."""
     first = runs[0][1]
-    # Per-run attack settings move under "attacks", so that two worst cases compare only when made of the same.
-    return {**{k: v for k, v in first.items() if k not in ATTACK_SETTINGS}, "attack": WORST_CASE,
-            "norm": first["norm"], "n_images": n_images,
-            "attacks": [{k: config.get(k) for k in ATTACK_SETTINGS} for _, config, _ in runs],
+    return {**{k: first.get(k) for k in SAME_DEFENSE}, "attack": WORST_CASE,
+            "eps": sorted({r["eps"] for r in attacked}, key=float), "n_images": len({r["index"] for r in attacked}),
+            "device": first.get("device"), "attacks": [{k: config.get(k) for k in ATTACK_SETTINGS}
+                                                       for _, config, _ in runs],
             "runs": [name for name, _, _ in runs]}
