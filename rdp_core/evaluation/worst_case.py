@@ -34,11 +34,10 @@ RUN_OWN_FIELDS = ("correct_fraction",)
 def worst_case(out_dirs):
     """(config, records) of the per-image worst case over the runs in `out_dirs` (the first gives the clean
     records), on the images and eps every run attacked."""
-    if len(out_dirs) < 2:
-        raise ValueError("a worst case over attacks needs at least two evaluation folders")
-    runs = [(str(d), *_load(d)) for d in out_dirs]
-    check_same_settings(runs, SAME_DEFENSE, "{name} evaluated another defense than {first} ({details}): a worst "
-                        "case over attacks combines runs of one defense")
+    return _combine(_load_runs(out_dirs))
+
+
+def _combine(runs):
     clean, attacked = {}, []
     for eps in sorted(set.intersection(*(set(pairs) for _, _, pairs in runs)), key=float):
         for index in sorted(set.intersection(*(set(pairs[eps]) for _, _, pairs in runs))):
@@ -70,8 +69,9 @@ def write_worst_case(out_dirs, out):
         raise ValueError(f"--out {out} is one of the runs combined: choose another folder")
     if (out / CONFIG_FILE).is_file() and json.loads((out / CONFIG_FILE).read_text()).get("attack") != WORST_CASE:
         raise ValueError(f"--out {out} holds an evaluation of its own: choose another folder")
-    config, records = worst_case(out_dirs)
-    runs_section = runs_markdown(out_dirs, records, config["norm"])
+    runs = _load_runs(out_dirs)
+    config, records = _combine(runs)
+    runs_section = runs_markdown(runs, records, config["norm"])
     (out / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     (out / RECORDS_DIR / "rank0-of-1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -81,19 +81,19 @@ def write_worst_case(out_dirs, out):
     return summary
 
 
-def runs_markdown(out_dirs, records, norm):
+def runs_markdown(runs, records, norm):
     """Each run's sanity checks, and per image and eps which run's attack did best and each run's verdict."""
+    out_dirs = [name for name, _, _ in runs]
     statuses = [{c["name"]: c["status"] for c in _sanity(d)} for d in out_dirs]
     names = list(dict.fromkeys(name for run in statuses for name in run))
     lines = ["", "Sanity checks of the runs combined (the undefended, unbounded and iterations checks are theirs):",
              "", "| run | " + " | ".join(names) + " |", "|" + " --- |" * (1 + len(names))]
     lines += [f"| {d} | " + " | ".join(run.get(name, "-") for name in names) + " |" for d, run in zip(out_dirs, statuses)]
-    attacked = [_load(d)[1] for d in out_dirs]
     lines += ["", "Right purifications of the attacked image per run (M: right by majority), and the run kept:", "",
               "| eps | image | " + " | ".join(str(d) for d in out_dirs) + " | kept |",
               "|" + " --- |" * (3 + len(out_dirs))]
     for r in (r for r in records if r["kind"] == "attack"):
-        cells = [_votes_cell(pairs[r["eps"]][r["index"]][1]) for pairs in attacked]
+        cells = [_votes_cell(pairs[r["eps"]][r["index"]][1]) for _, _, pairs in runs]
         lines.append(f"| {eps_text(r['eps'], norm)} | {r['index']} | " + " | ".join(cells) + f" | {r['source']} |")
     return "\n".join(lines) + "\n"
 
@@ -108,6 +108,16 @@ def _sanity(out_dir):
     if not path.is_file():
         raise FileNotFoundError(f"{out_dir} has no summary.json: run `rdp-core summarize {out_dir}` first")
     return json.loads(path.read_text())["sanity"]
+
+
+def _load_runs(out_dirs):
+    """(name, config, {eps: {index: (clean record, attacked record)}}) of each run, all of one defense."""
+    if len(out_dirs) < 2:
+        raise ValueError("a worst case over attacks needs at least two evaluation folders")
+    runs = [(str(d), *_load(d)) for d in out_dirs]
+    check_same_settings(runs, SAME_DEFENSE, "{name} evaluated another defense than {first} ({details}): a worst "
+                        "case over attacks combines runs of one defense")
+    return runs
 
 
 def _load(out_dir):
