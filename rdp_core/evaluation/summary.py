@@ -77,8 +77,8 @@ def summarize(records, norm="linf", about_zero=ABOUT_ZERO):
     for eps in sorted(table["attack"], key=float):
         attacked = table["attack"][eps]
         images = sorted(set(attacked) & set(clean))
-        clean_shares = [_vote_share(clean[i]) for i in images]
-        attacked_shares = [_vote_share(attacked[i]) for i in images]
+        clean_shares = [vote_share(clean[i]) for i in images]
+        attacked_shares = [vote_share(attacked[i]) for i in images]
         rows.append({
             "eps": eps,
             "clean": accuracy_entry([clean[i]["correct_all"] for i in images]),
@@ -191,7 +191,8 @@ def right_votes(record):
     return sum(v == record["label"] for v in record["votes"])
 
 
-def _vote_share(record):
+def vote_share(record):
+    """The fraction of the record's purifications that predicted its label."""
     return right_votes(record) / len(record["votes"])
 
 

@@ -6,8 +6,8 @@ this combines runs of one defense (the same purifier, classifier, t*, votes and 
 into an evaluation folder of its own, with config.json, records and summary like any other: per image and eps
 it keeps the attacked record of the attack that did best against the defense (wrong by majority before
 right, then the smallest share of right purifications, then wrong on some vote before right on all), so the
-majority and all-votes verdicts are exactly the minimum over the attacks. Its clean records are the first run's: one clean
-evaluation, as in any run (the others' clean purifications drew other noise). `summarize` and `compare` read
+majority and all-votes verdicts are exactly the minimum over the attacks. Its clean records are the first run's:
+one clean evaluation, as in any run (the others' clean purifications drew other noise). `summarize` and `compare` read
 the folder as they read any run; two combined folders compare when their attacks were the same.
 
 What a single run's sanity checks test does not carry over: the undefended and unbounded checks are the runs'
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rdp_core.evaluation.compare import check_same_settings, load_run
 from rdp_core.evaluation.records import CONFIG_FILE, RECORDS_DIR
-from rdp_core.evaluation.summary import _vote_share, eps_text, right_votes
+from rdp_core.evaluation.summary import vote_share, eps_text, right_votes
 
 WORST_CASE = "worst-case"
 # What makes two runs runs of the same defense, whatever attacked them.
@@ -56,7 +56,7 @@ def attack_outcome(record):
     if "votes" not in record:
         raise ValueError("the worst case over attacks needs each record's votes, and these records have none "
                          f"(image {record['index']}); they were written before votes were recorded")
-    return record["correct_majority"], _vote_share(record), record["correct_all"]
+    return record["correct_majority"], vote_share(record), record["correct_all"]
 
 
 def write_worst_case(out_dirs, out):
@@ -88,7 +88,8 @@ def runs_markdown(runs, records, norm):
     names = list(dict.fromkeys(name for run in statuses for name in run))
     lines = ["", "Sanity checks of the runs combined (the undefended, unbounded and iterations checks are theirs):",
              "", "| run | " + " | ".join(names) + " |", "|" + " --- |" * (1 + len(names))]
-    lines += [f"| {d} | " + " | ".join(run.get(name, "-") for name in names) + " |" for d, run in zip(out_dirs, statuses)]
+    lines += [f"| {d} | " + " | ".join(run.get(name, "-") for name in names) + " |"
+              for d, run in zip(out_dirs, statuses)]
     lines += ["", "Right purifications of the attacked image per run (M: right by majority), and the run kept:", "",
               "| eps | image | " + " | ".join(str(d) for d in out_dirs) + " | kept |",
               "|" + " --- |" * (3 + len(out_dirs))]

@@ -77,13 +77,15 @@ def summarized_run(folder, defense, attacked, **changes):
 
 def test_the_command_writes_a_run_that_compare_and_summarize_read(tmp_path, capsys):
     folders = {}
-    for defense, pgd_counts, aa_counts in (("diffpure", [5, 1, 0, 4], [2, 4, 0, 5]), ("agdm", [5, 4, 3, 1], [5, 5, 2, 5])):
+    right_counts = {"diffpure": ([5, 1, 0, 4], [2, 4, 0, 5]), "agdm": ([5, 4, 3, 1], [5, 5, 2, 5])}
+    for defense, (pgd_counts, aa_counts) in right_counts.items():
         pgd = summarized_run(tmp_path / f"{defense}_pgd", defense, pgd_counts)
         aa = summarized_run(tmp_path / f"{defense}_aa", defense, aa_counts, **AUTOATTACK)
         folders[defense] = tmp_path / f"{defense}_worst"
         main(["worst-case", str(pgd), str(aa), "--out", str(folders[defense])])
     shown = capsys.readouterr().out
-    assert "`worst-case` per image of `pgd-eot` (linf, 10 iterations x 4 EOT, step 0.007) and `autoattack-rand`" in shown
+    assert ("`worst-case` per image of `pgd-eot` (linf, 10 iterations x 4 EOT, step 0.007) and `autoattack-rand`"
+            in shown)
     assert f"| 8/255 | 1 | 4/5 M | 5/5 M | {tmp_path / 'agdm_pgd'} |" in shown
     summary = json.loads((folders["agdm"] / "summary.json").read_text())
     assert summary["rows"][0]["robust_majority"]["correct"] == 2  # images 0 and 1
