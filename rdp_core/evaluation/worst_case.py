@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rdp_core.evaluation.compare import check_same_settings, load_run
 from rdp_core.evaluation.records import CONFIG_FILE, RECORDS_DIR
-from rdp_core.evaluation.summary import vote_share, eps_text, right_votes
+from rdp_core.evaluation.summary import eps_text, right_votes, vote_share
 
 WORST_CASE = "worst-case"
 # What makes two runs runs of the same defense, whatever attacked them.
