@@ -103,10 +103,17 @@ def _candidates(attack, x, y):
 
     torchattacks' APGD (like AutoAttack's own) attacks only the images one forward gets right and returns the
     clean image wherever none of its forwards was fooled. That is right for a deterministic model; for a
-    randomized defense the one forward decides nothing, and the iterate of highest (EOT-averaged) loss is a
-    better candidate than the clean image. So APGD runs here on every image still robust, one run as
-    AutoAttack's single restart, and submits both its fooling iterate (its random start where none fooled)
-    and its highest-loss iterate. Other attacks submit what they return."""
+    randomized defense the one forward decides nothing, and the iterate of highest loss is a better candidate
+    than the clean image. So APGD runs here on every image still robust, one run as AutoAttack's single
+    restart, and submits both its fooling iterate (its random start where none fooled) and its highest-loss
+    iterate. Other attacks submit what they return.
+
+    APGD averages the gradient over its EOT forwards but, in AutoAttack's code as in torchattacks' port, reads
+    the loss and the prediction of the last of them only: the "highest-loss" iterate, the step-size halvings
+    and the "fooling" iterate all follow one purification's outcome. At 10 iterations its step-size check runs
+    after the second step and after every step from then on (at 100, over windows of 22 steps shrinking to 6),
+    so each check compares two single-purification losses, and each halving sends the iterate back to the best
+    so chosen. This is AutoAttack's behaviour and is kept, not corrected here."""
     apgd = import_torchattacks().APGD
     if not isinstance(attack, apgd):
         return [attack(x, y).detach()]
